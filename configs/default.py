@@ -1,0 +1,67 @@
+"""Base config: every field the trainer reads, with its meaning.
+
+Not meant to be run on its own; the dataset configs import it and patch a
+few fields. Any field can be overridden on the command line, e.g.
+``--config.reg.kind=l1 --config.reg.weight_coef=0.05``. A value of -1 means
+"derive it" (see the field's comment).
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  # Data: "digits" (embedded, scikit-learn), "cifar10", "imagenet2012" (tfds).
+  config.dataset = "digits"
+  config.data_dir = ""  # tfds data dir; "" = tfds default ($TFDS_DATA_DIR).
+  config.worker_count = 0  # grain worker processes for the training input.
+
+  # Model: a name from l1grad.models.MODEL_NAMES; model_kwargs are its fields.
+  config.model = "digits_cnn"
+  config.model_kwargs = ml_collections.ConfigDict()
+  config.compute_dtype = "float32"  # or "bfloat16" (accelerators).
+
+  # Optimisation. batch_size is global (all devices and hosts together).
+  config.num_epochs = 30
+  config.batch_size = 64
+  config.eval_batch_size = -1  # -1: same as batch_size.
+  config.optimizer = "sgd"  # "sgd" (momentum, as the paper) or "adamw".
+  config.learning_rate = 0.05  # peak learning rate.
+  config.momentum = 0.9
+  config.nesterov = True
+  config.weight_decay = 5e-4  # on Conv/Dense kernels only.
+  config.schedule = "cosine"  # "cosine", "step" or "constant".
+  config.warmup_epochs = 0.0
+  config.step_epochs = ()  # "step" schedule: epochs where the lr is cut.
+  config.step_factor = 0.1
+
+  # Regularization (paper eq. 3 and the baselines).
+  config.reg = ml_collections.ConfigDict()
+  config.reg.kind = "none"  # "none", "l1", "l2" or "dq".
+  # λ_w; for "dq" the orthogonality strength β.
+  config.reg.weight_coef = 0.0
+  config.reg.act_coef = -1.0  # λ_a; -1: same as weight_coef (the paper's one λ).
+  config.reg.method = "hvp"  # "hvp", "reverse" or "finite_difference".
+  config.reg.fd_step = 1e-3  # probe distance of "finite_difference".
+  # Regularize only the last N epochs (the paper: 15); -1: every epoch.
+  config.reg.last_epochs = -1
+
+  # Fine-tuning: workdir of another run; its latest params and batch stats
+  # are the start (optimizer and step start afresh).
+  config.init_from = ""
+
+  # STE quantization-aware training at a fixed "W:A" (e.g. "4:4"); "" = off.
+  config.qat = ml_collections.ConfigDict()
+  config.qat.bits = ""
+
+  # Logging, evaluation and checkpoints.
+  config.log_every_steps = 50
+  config.eval_every_epochs = 1  # -1: only at the end.
+  config.checkpoint_every_steps = -1  # -1: once per epoch.
+  config.keep_checkpoints = 3
+  config.max_eval_examples = -1  # -1: the whole test split.
+  # Testing hook: stop after this many steps (-1: the full schedule).
+  config.max_steps = -1
+  return config

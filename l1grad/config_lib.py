@@ -1,0 +1,158 @@
+"""Config checks and the quantities derived from a config (``-1`` fields).
+
+Everything is checked before anything compiles: a bad value is a
+:class:`ConfigError` whose message says what is wrong and how to fix it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import ml_collections
+
+from l1grad import bits as bits_lib
+from l1grad import models
+from l1grad.errors import ConfigError
+
+REG_KINDS = ("none", "l1", "l2", "dq")
+REG_METHODS = ("hvp", "reverse", "finite_difference")
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "step", "constant")
+DATASETS = ("digits", "cifar10", "imagenet2012")
+
+# Fields that do not change what a run computes: a resumed run may differ in
+# these from the run that wrote the checkpoint.
+_RUN_NEUTRAL = ("log_every_steps", "eval_every_epochs", "checkpoint_every_steps",
+                "keep_checkpoints", "max_steps", "worker_count", "data_dir",
+                "max_eval_examples", "track_act_grad")
+
+
+def act_coef(config: ml_collections.ConfigDict) -> float:
+  """λ_a; ``-1`` means the same as λ_w (the paper's single λ)."""
+  a = config.reg.act_coef
+  return config.reg.weight_coef if a == -1 else a
+
+
+def eval_batch_size(config: ml_collections.ConfigDict) -> int:
+  return config.batch_size if config.eval_batch_size == -1 else config.eval_batch_size
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+  """All epoch/step arithmetic of a run."""
+
+  steps_per_epoch: int
+  total_steps: int  # the schedule's length (num_epochs × steps_per_epoch)
+  last_step: int  # where this invocation stops (max_steps may cut it)
+  reg_start_step: int  # first regularized step
+  checkpoint_every: int
+
+  def regularized(self, step: int) -> bool:
+    return step >= self.reg_start_step
+
+
+def step_plan(config: ml_collections.ConfigDict, steps_per_epoch: int) -> StepPlan:
+  total = config.num_epochs * steps_per_epoch
+  last = total if config.max_steps < 0 else min(total, config.max_steps)
+  if config.reg.kind == "none":
+    reg_start = total + 1
+  elif config.reg.last_epochs < 0:
+    reg_start = 0
+  else:
+    reg_start = total - config.reg.last_epochs * steps_per_epoch
+  every = (steps_per_epoch if config.checkpoint_every_steps < 0
+           else config.checkpoint_every_steps)
+  return StepPlan(steps_per_epoch, total, last, reg_start, max(every, 1))
+
+
+def _fail(field: str, problem: str, fix: str) -> None:
+  raise ConfigError(f"config.{field}: {problem} {fix}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks a training config; raises :class:`ConfigError` on the first problem."""
+  if config.dataset not in DATASETS:
+    _fail("dataset", f"unknown dataset {config.dataset!r}.",
+          f"Use one of {', '.join(DATASETS)}.")
+  if config.model not in models.MODEL_NAMES:
+    _fail("model", f"unknown model {config.model!r}.",
+          f"Use one of {', '.join(models.MODEL_NAMES)}.")
+  reg = config.reg
+  if reg.kind not in REG_KINDS:
+    _fail("reg.kind", f"unknown regularization {reg.kind!r}.",
+          f"Use one of {', '.join(REG_KINDS)}.")
+  if reg.method not in REG_METHODS:
+    _fail("reg.method", f"unknown method {reg.method!r}.",
+          f"Use one of {', '.join(REG_METHODS)}.")
+  if reg.weight_coef < 0:
+    _fail("reg.weight_coef", f"is negative ({reg.weight_coef}).",
+          "Coefficients must be >= 0 (0 switches the term off).")
+  if reg.act_coef < 0 and reg.act_coef != -1:
+    _fail("reg.act_coef", f"is negative ({reg.act_coef}).",
+          "Use a value >= 0, or -1 for 'same as reg.weight_coef'.")
+  if reg.fd_step <= 0:
+    _fail("reg.fd_step", f"must be positive, got {reg.fd_step}.",
+          "The default 1e-3 suits float32.")
+  if config.num_epochs <= 0:
+    _fail("num_epochs", f"must be positive, got {config.num_epochs}.",
+          "Set the number of training epochs.")
+  if reg.last_epochs > config.num_epochs:
+    _fail("reg.last_epochs",
+          f"({reg.last_epochs}) is longer than the run"
+          f" (num_epochs={config.num_epochs}).",
+          "Regularize at most every epoch: lower reg.last_epochs, or use -1.")
+  if reg.last_epochs < -1:
+    _fail("reg.last_epochs", f"is {reg.last_epochs}.",
+          "Use N >= 0 for the last N epochs, or -1 for every epoch.")
+  if config.qat.bits:
+    bits_lib.parse_pair(config.qat.bits)
+  if config.optimizer not in OPTIMIZERS:
+    _fail("optimizer", f"unknown optimizer {config.optimizer!r}.",
+          f"Use one of {', '.join(OPTIMIZERS)}.")
+  if config.schedule not in SCHEDULES:
+    _fail("schedule", f"unknown schedule {config.schedule!r}.",
+          f"Use one of {', '.join(SCHEDULES)}.")
+  if config.learning_rate <= 0:
+    _fail("learning_rate", f"must be positive, got {config.learning_rate}.",
+          "Set a positive peak learning rate.")
+  if config.compute_dtype not in ("float32", "bfloat16"):
+    _fail("compute_dtype", f"is {config.compute_dtype!r}.",
+          "Use 'float32' or 'bfloat16'.")
+  n = jax.device_count()
+  for field, size in (("batch_size", config.batch_size),
+                      ("eval_batch_size", eval_batch_size(config))):
+    if size <= 0 or size % n:
+      _fail(field, f"({size}) is not a positive multiple of the {n}"
+            " device(s).", f"Use a global batch size divisible by {n}, e.g."
+            f" {max(n, (max(size, 1) // n) * n)}.")
+  if config.init_from and not os.path.isdir(
+      os.path.join(config.init_from, "checkpoints")):
+    _fail("init_from", f"{config.init_from!r} holds no checkpoints/ folder.",
+          "Point it at the --workdir of a finished training run.")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+  return out
+
+
+def check_same_run(config: ml_collections.ConfigDict,
+                   stored: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses to resume a workdir whose checkpoints come from another config."""
+  now, then = _flatten(config.to_dict()), _flatten(stored.to_dict())
+  diffs = [f"{k}: checkpoint {then.get(k)!r}, now {now.get(k)!r}"
+           for k in sorted(set(now) | set(then))
+           if k not in _RUN_NEUTRAL and now.get(k) != then.get(k)]
+  if diffs:
+    raise ConfigError(
+        f"{workdir} holds a run of a different config ("
+        + "; ".join(diffs[:6]) + ("; …" if len(diffs) > 6 else "") +
+        "). Use a new --workdir for a new run, or rerun with the original"
+        " config to resume it.")
