@@ -1,14 +1,17 @@
 """Orbax checkpoints of a run: train state, config and metrics history.
 
 Layout: ``WORKDIR/checkpoints/<step>/{state,config,metrics}``, written by an
-``ocp.CheckpointManager``. Orbax writes each step into a temporary folder and
-renames it when complete, so a kill during a save leaves the previous step
-usable. The config is stored with every step: a checkpoint can be evaluated,
+``ocp.CheckpointManager``. Orbax writes each step into a temporary folder
+(``<step>.orbax-checkpoint-tmp-<time>``) and renames it when complete, so a
+kill during a save leaves the previous step usable: ``latest_step()`` lists
+finalized folders only, and a writing manager deletes stale temporary
+folders when it opens. The config is stored with every step: a checkpoint can be evaluated,
 exported or fine-tuned from without knowing the command that made it.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, NamedTuple
 
@@ -21,15 +24,44 @@ from l1grad.errors import CheckpointError
 ITEMS = ("state", "config", "metrics")
 
 
+class _DropReadOnlyNotice(logging.Filter):
+  """Drops Orbax's warning that a reader's directory is read only.
+
+  Readers open managers with ``read_only=True`` on purpose; the warning then
+  precedes every evaluation's output and every ``error:`` line, where a user
+  would take it for the problem.
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Given directory is read only")
+
+
+logging.getLogger("absl").addFilter(_DropReadOnlyNotice())
+
+
 def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
 def manager(workdir: str, *, keep: int = 3, read_only: bool = False
             ) -> ocp.CheckpointManager:
-  """The run's checkpoint manager (saves are asynchronous)."""
+  """The run's checkpoint manager (saves are asynchronous).
+
+  Args:
+    workdir: the run's workdir (checkpoints go to ``WORKDIR/checkpoints``).
+    keep: how many of the newest steps to keep.
+    read_only: for readers (evaluation, export); a writer must be the only
+      one in the workdir, since it deletes temporary folders it finds.
+  """
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=not read_only, read_only=read_only)
+      # Read-only managers neither save nor delete; Orbax warns unless the
+      # saving options are off too.
+      max_to_keep=None if read_only else keep,
+      save_interval_steps=0 if read_only else 1,
+      create=not read_only, read_only=read_only,
+      # A kill mid-save leaves a temporary folder behind; it is never read,
+      # only wasted space, so the next writer removes it.
+      cleanup_tmp_directories=not read_only)
   return ocp.CheckpointManager(
       checkpoint_dir(workdir), options=options, item_names=ITEMS)
 

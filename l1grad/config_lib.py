@@ -54,6 +54,15 @@ class StepPlan:
 
 
 def step_plan(config: ml_collections.ConfigDict, steps_per_epoch: int) -> StepPlan:
+  """The run's step arithmetic; ``steps_per_epoch`` comes from the data.
+
+  Raises:
+    ConfigError: the global batch is larger than the training split.
+  """
+  if steps_per_epoch <= 0:
+    _fail("batch_size", f"({config.batch_size}) is larger than the"
+          f" {config.dataset!r} training split, so an epoch has no step.",
+          "Use a smaller global batch size.")
   total = config.num_epochs * steps_per_epoch
   last = total if config.max_steps < 0 else min(total, config.max_steps)
   if config.reg.kind == "none":
@@ -107,7 +116,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _fail("reg.last_epochs", f"is {reg.last_epochs}.",
           "Use N >= 0 for the last N epochs, or -1 for every epoch.")
   if config.qat.bits:
-    bits_lib.parse_pair(config.qat.bits)
+    try:
+      bits_lib.parse_pair(config.qat.bits)
+    except ConfigError as e:
+      raise ConfigError(f"config.qat.bits: {e}") from None
   if config.optimizer not in OPTIMIZERS:
     _fail("optimizer", f"unknown optimizer {config.optimizer!r}.",
           f"Use one of {', '.join(OPTIMIZERS)}.")
@@ -117,6 +129,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.learning_rate <= 0:
     _fail("learning_rate", f"must be positive, got {config.learning_rate}.",
           "Set a positive peak learning rate.")
+  for field in ("log_every_steps", "keep_checkpoints"):
+    if config[field] <= 0:
+      _fail(field, f"must be positive, got {config[field]}.",
+            "Use a positive number (see configs/default.py).")
+  if config.checkpoint_every_steps == 0 or config.checkpoint_every_steps < -1:
+    _fail("checkpoint_every_steps", f"is {config.checkpoint_every_steps}.",
+          "Use a positive number of steps, or -1 for once per epoch.")
+  if config.warmup_epochs < 0:
+    _fail("warmup_epochs", f"is negative ({config.warmup_epochs}).",
+          "Use 0 for no warmup or a positive number of epochs.")
   if config.compute_dtype not in ("float32", "bfloat16"):
     _fail("compute_dtype", f"is {config.compute_dtype!r}.",
           "Use 'float32' or 'bfloat16'.")
@@ -129,7 +151,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f" {max(n, (max(size, 1) // n) * n)}.")
   if config.init_from and not os.path.isdir(
       os.path.join(config.init_from, "checkpoints")):
-    _fail("init_from", f"{config.init_from!r} holds no checkpoints/ folder.",
+    what = ("does not exist" if not os.path.exists(config.init_from)
+            else "holds no checkpoints/ folder")
+    _fail("init_from", f"{config.init_from!r} {what}.",
           "Point it at the --workdir of a finished training run.")
 
 

@@ -18,3 +18,7 @@ class CheckpointError(UserError):
 
 class DataNotFoundError(UserError, FileNotFoundError):
   """A dataset has not been prepared; the message gives the command."""
+
+
+class WorkdirError(UserError):
+  """The workdir cannot be used: not creatable, or another run is writing it."""

@@ -31,19 +31,17 @@ import jax
 import jax.numpy as jnp
 
 from l1grad import perturb
+from l1grad.regularizers import is_kernel_path
 
 METHODS = ("hvp", "reverse", "finite_difference")
 
+# How "hvp" is computed: "linearize" (one forward-over-reverse pass gives the
+# gradient and the HVP) or "jvp" (gradient, then jax.jvp of the gradient,
+# which recomputes it). Not part of the API: benchmarks/step_time.py sets it
+# to measure the difference.
+_HVP_IMPL = "linearize"
+
 PyTree = Any
-
-
-def is_kernel_path(path: tuple[Any, ...]) -> bool:
-  """Whether a ``tree_flatten_with_path`` key path ends at a ``kernel`` leaf."""
-  if not path:
-    return False
-  last = path[-1]
-  name = getattr(last, "key", getattr(last, "name", None))
-  return name == "kernel"
 
 
 def split_kernels(params: PyTree) -> tuple[dict[int, jax.Array], Callable]:
@@ -165,22 +163,54 @@ def value_and_grad(
       with perturb.perturbed(e) if with_points else contextlib.nullcontext():
         out = loss_fn(p, *args)
       return out if has_aux else (out, None)
+    import os
+    _r = os.environ.get("L1G_REMAT", "")
+    if _r.startswith("loss_"):
+      _pol = {"dots": jax.checkpoint_policies.dots_saveable, "nothing": jax.checkpoint_policies.nothing_saveable}
+      loss_params_eps = jax.checkpoint(loss_params_eps, policy=_pol[_r[5:]])
 
     eps = {}
     if with_points:
       shapes = perturb.activation_shapes(lambda p: loss_fn(p, *args), params)
       eps = perturb.zero_perturbations(shapes)
 
+    kernels, merge = split_kernels(params)
+    # The penalty differentiates along the kernels (λ_w) and the activation
+    # perturbations (λ_a) only: the other parameters (biases, batch-norm
+    # scales) carry no tangent, so the HVP does no tangent work for them.
+    lin_k = kernels if use_w else {}
+    lin_e = eps if use_a else {}
+
+    def grads_at(k, e):
+      """(∇_θ L, ∇_A L) with kernels ``k`` and perturbations ``e`` swapped in."""
+      p = merge({**kernels, **k}) if k else params
+      (loss, aux), (g_p, g_e) = jax.value_and_grad(
+          loss_params_eps, argnums=(0, 1), has_aux=True)(p, {**eps, **e})
+      return (g_p, g_e), (loss, aux)
+
     # One pass gives ∇_θ L for the update, ∇_W L (its kernel leaves) and
-    # ∇_A L (w.r.t. the zero perturbations).
-    (loss, aux), (g_params, g_eps) = jax.value_and_grad(
-        loss_params_eps, argnums=(0, 1), has_aux=True)(params, eps)
+    # ∇_A L (w.r.t. the zero perturbations). For "hvp" that pass is
+    # jax.linearize's primal: the same forward-over-reverse pass then gives
+    # the HVP along any tangent, without recomputing the primal gradient (the
+    # tangent, sign(∇L), is only known after the gradient).
+    linear_hvp = None
+    if method == "hvp" and (use_w or use_a) and _HVP_IMPL == "linearize":
+      import os
+      _r = os.environ.get("L1G_REMAT", "")
+      _pol = {"dots": jax.checkpoint_policies.dots_saveable, "nothing": jax.checkpoint_policies.nothing_saveable, "nobatch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+      ga = grads_at
+      if _r.startswith("grads_"):
+        ga = jax.checkpoint(grads_at, policy=_pol[_r[6:]])
+      (g_params, g_eps), linear_hvp, (loss, aux) = jax.linearize(
+          ga, lin_k, lin_e, has_aux=True)
+    else:
+      (g_params, g_eps), (loss, aux) = grads_at({}, {})
     g_kernels, _ = split_kernels(g_params)
     norms = gradient_norms(g_kernels, g_eps)
 
     zero = jnp.zeros((), jnp.float32)
-    w_pen, t_w = zero, None
-    a_pen, t_a = zero, None
+    w_pen, t_w = zero, {}
+    a_pen, t_a = zero, {}
     if use_w:
       w_pen, t_w = _penalty_and_tangent(
           g_kernels, norms["weight_grad_l1"], norms["weight_grad_l2"],
@@ -191,11 +221,14 @@ def value_and_grad(
     penalty = w_pen + a_pen
 
     grads = g_params
-    if method == "reverse" and (use_w or use_a):
+    if linear_hvp is not None:
+      hv, _ = linear_hvp(t_w, t_a)
+      grads = jax.tree.map(jnp.add, g_params, hv)
+    elif method == "reverse" and (use_w or use_a):
       grads = _reverse_grad(loss_params_eps, params, eps, weight_coef,
                             act_coef, use_w, use_a, ord)
     elif use_w or use_a:
-      hv = _penalty_grad(loss_params_eps, params, eps, g_params, t_w, t_a,
+      hv = _penalty_grad(grads_at, kernels, lin_k, lin_e, g_params, t_w, t_a,
                          method, fd_step)
       grads = jax.tree.map(jnp.add, g_params, hv)
 
@@ -215,32 +248,22 @@ def value_and_grad(
   return wrapped
 
 
-def _penalty_grad(loss_params_eps, params, eps, g_params, t_w, t_a, method,
+def _penalty_grad(grads_at, kernels, lin_k, lin_e, g_params, t_w, t_a, method,
                   fd_step):
-  """∇_θ of the penalty, H_{θ,z}·t, by forward-over-reverse or FD."""
-  kernels, merge = split_kernels(params)
-  # Only the kernels and eps carry a tangent, so the JVP does no tangent work
-  # for the other parameters (biases, batch-norm scales).
-  primal_k = kernels if t_w is not None else {}
-  primal_e = eps if t_a is not None else {}
-  tangent_k = t_w if t_w is not None else {}
-  tangent_e = t_a if t_a is not None else {}
-
-  def grad_params(k, e):
-    p = merge({**kernels, **k})
-    e_full = {**eps, **e}
-    return jax.grad(lambda p_: loss_params_eps(p_, e_full)[0])(p)
-
+  """∇_θ of the penalty, H_{θ,z}·t, by a second pass: jvp or FD."""
+  params_grad = lambda k, e: grads_at(k, e)[0][0]
   if method == "hvp":
-    _, hv = jax.jvp(grad_params, (primal_k, primal_e), (tangent_k, tangent_e))
+    # Forward-over-reverse that recomputes the primal gradient (XLA merges
+    # only part of it with the first pass); kept to compare with linearize.
+    _, hv = jax.jvp(params_grad, (lin_k, lin_e), (t_w, t_a))
     return hv
 
   # Finite difference: the probe moves by fd_step·(1 + ‖W‖₂) along t.
-  t_norm = jnp.sqrt(_l2(tangent_k) ** 2 + _l2(tangent_e) ** 2)
+  t_norm = jnp.sqrt(_l2(t_w) ** 2 + _l2(t_a) ** 2)
   r = fd_step * (1.0 + _l2(kernels)) / jnp.where(t_norm > 0, t_norm, 1.0)
   shift = lambda p, t: p + (r * t).astype(p.dtype)
-  g_probe = grad_params(jax.tree.map(shift, primal_k, tangent_k),
-                        jax.tree.map(shift, primal_e, tangent_e))
+  g_probe = params_grad(jax.tree.map(shift, lin_k, t_w),
+                        jax.tree.map(shift, lin_e, t_a))
   return jax.tree.map(lambda g1, g0: ((g1 - g0) / r).astype(g0.dtype),
                       g_probe, g_params)
 

@@ -39,9 +39,8 @@ import dataclasses
 import functools
 import io
 import json
-import math
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import chex
@@ -68,18 +67,27 @@ __all__ = [
     "Report",
     "RunResult",
     "Settings",
+    "TableRow",
+    "apply_model",
     "bn_activation_ranges",
+    "cached_evaluator",
     "calibrated_activation_ranges",
     "check_variables_match",
+    "column_name",
+    "config_json",
+    "eval_batch_size",
     "evaluate",
     "evaluate_prepared",
+    "kernel_scale",
     "markdown_table",
     "method_label",
+    "plot_results",
     "prepare_run",
     "prepare_variables",
     "quantize_params",
     "quantize_variables",
     "quantized_apply",
+    "range_tree",
     "results_csv",
     "summarize",
     "sweep",
@@ -201,7 +209,8 @@ def quantized_apply(
     return apply_model(model, variables, images, apply_kwargs)
 
 
-def _as_range_tree(ranges: Mapping[str, tuple[float, float]]) -> dict[str, tuple[jax.Array, jax.Array]]:
+def range_tree(ranges: Mapping[str, tuple[float, float]]) -> dict[str, tuple[jax.Array, jax.Array]]:
+  """Activation ranges as the float32 pytree the jitted functions take."""
   # float32 arrays: a stable pytree of fixed dtype, so new range values never
   # retrace, and the same float32 values whichever caller converts them.
   return {k: (jnp.float32(lo), jnp.float32(hi)) for k, (lo, hi) in ranges.items()}
@@ -296,7 +305,8 @@ class Evaluator:
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_evaluator(model: nn.Module, per_channel: bool) -> Evaluator:
+def cached_evaluator(model: nn.Module, per_channel: bool) -> Evaluator:
+  """The :class:`Evaluator` of an architecture, shared by every caller."""
   # Linen modules hash by their fields: runs of one architecture share the
   # compiled functions (two workdirs of one sweep compile once).
   return Evaluator(model, per_channel=per_channel)
@@ -331,7 +341,7 @@ def sweep(
     ``(float_stats, {pair: stats})``; the float row's KL is 0.
   """
   pairs = list(dict.fromkeys(tuple(p) for p in pairs))
-  range_tree = _as_range_tree(ranges)
+  ranges_arg = range_tree(ranges)
   bit_args = {p: (_bits_array(p[0]), _bits_array(p[1])) for p in pairs}
   float_correct = jnp.float32(0)
   correct = {p: jnp.float32(0) for p in pairs}
@@ -346,7 +356,7 @@ def sweep(
     float_correct = float_correct + c
     for p in pairs:
       w, a = bit_args[p]
-      c, k = evaluator.quantized_stats(variables, range_tree, w, a, images, labels,
+      c, k = evaluator.quantized_stats(variables, ranges_arg, w, a, images, labels,
                                        mask, float_logits)
       correct[p] = correct[p] + c
       kl[p] = kl[p] + k
@@ -616,14 +626,16 @@ class Settings:
 def method_label(config: Any) -> str:
   """A readable method name from a run's config, e.g. ``"l1 λ=0.05"``.
 
-  ``"none"``, ``"l1 λ=…"`` / ``"l2 λ=…"`` (``λw=… λa=…`` when the two
-  coefficients differ), ``"dq β=…"`` (the ``reg.weight_coef``), ``"ste 4:4"``
-  for quantization-aware training, combined with ``+`` when both are set.
+  ``"none"``; ``"l1 λ=…"`` / ``"l2 λ=…"`` (``λw=… λa=…`` when the two
+  coefficients differ; ``act_coef == -1`` means the same as
+  ``weight_coef``); ``"dq β=…"`` (β is ``reg.weight_coef``); ``"ste 4:4"``
+  for quantization-aware training; combined with ``+`` when both are set.
   """
   reg = _get(config, "reg", {})
   kind = str(_get(reg, "kind", "none") or "none")
   w = _get(reg, "weight_coef", 0.0)
-  a = _get(reg, "act_coef", 0.0)
+  a = _get(reg, "act_coef", -1.0)
+  a = w if a == -1 else a  # -1: the paper's single λ
   if kind in ("l1", "l2"):
     coef = f"λ={w:g}" if w == a else f"λw={w:g} λa={a:g}"
     label = f"{kind} {coef}"
@@ -681,7 +693,8 @@ def check_variables_match(
       if want[k] != have[k]:
         problems.append(f"{collection}{k} has shape {have[k]}, the model wants {want[k]}")
   if problems:
-    shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
+    more = len(problems) - 6
+    shown = "; ".join(problems[:6]) + (f"; and {more} more" if more > 0 else "")
     raise errors.CheckpointError(
         f"{where} does not match the model built from its config"
         f" ({type(model).__name__}): {shown}. The config was probably changed after"
@@ -730,7 +743,8 @@ class PreparedRun:
   sample: np.ndarray
 
 
-def _eval_batch_size(config: Any, settings: Settings) -> int:
+def eval_batch_size(config: Any, settings: Settings) -> int:
+  """The evaluation batch size: the setting, else the config's (-1: batch_size)."""
   if settings.batch_size is not None:
     return settings.batch_size
   size = int(_get(config, "eval_batch_size", -1))
@@ -756,20 +770,20 @@ def prepare_run(workdir: str, settings: Settings, *, label: str | None = None) -
     errors.UserError: No/corrupt checkpoint, a config/checkpoint mismatch,
       unprepared data, or BN ranges impossible for this model.
   """
+  if not os.path.isdir(workdir):
+    raise errors.CheckpointError(
+        f"Workdir {workdir!r} does not exist. Pass the --workdir a training run"
+        " wrote (python train.py --config configs/digits.py --workdir DIR).")
   # Imported here: the trainer pulls in optax and Orbax, which the quantizer
   # itself does not need.
   from l1grad import checkpoint  # pylint: disable=g-import-not-at-top
   from l1grad import data  # pylint: disable=g-import-not-at-top
   from l1grad import train  # pylint: disable=g-import-not-at-top
 
-  if not os.path.isdir(workdir):
-    raise errors.CheckpointError(
-        f"Workdir {workdir!r} does not exist. Pass the --workdir a training run"
-        " wrote (python train.py --config ... --workdir DIR).")
   run = checkpoint.load_run(workdir, step=settings.step)
   config = run.config
-  model = train.create_model(config)
   info = data.get_info(config.dataset, data_dir=_data_dir(config))
+  model = train.create_model(config, info.num_classes)
   sample = np.zeros((1, *info.image_shape), np.float32)
   variables = {"params": run.params}
   if run.batch_stats:
@@ -780,7 +794,7 @@ def prepare_run(workdir: str, settings: Settings, *, label: str | None = None) -
   if settings.act_ranges == "bn":
     ranges = bn_activation_ranges(model, variables, sample, num_std=settings.num_std)
   else:
-    batch_size = _eval_batch_size(config, settings)
+    batch_size = eval_batch_size(config, settings)
     batches = data.eval_batches(
         config.dataset, "train", global_batch_size=batch_size, data_dir=_data_dir(config),
         max_examples=settings.calib_batches * batch_size)
@@ -838,7 +852,8 @@ def _result(run: str, method: str, seed: Any, step: int, pair: Pair | None,
   }
 
 
-def _config_json(config: Any) -> Any:
+def config_json(config: Any) -> Any:
+  """A config as plain JSON data (ConfigDict or mapping)."""
   if hasattr(config, "to_json_best_effort"):
     return json.loads(config.to_json_best_effort())
   return json.loads(json.dumps(config, default=str))
@@ -869,7 +884,7 @@ def evaluate_prepared(
   Returns:
     The run's metadata and results.
   """
-  evaluator = evaluator or _cached_evaluator(prepared.model, settings.per_channel)
+  evaluator = evaluator or cached_evaluator(prepared.model, settings.per_channel)
   trained = _qat_bits(prepared.config)
   requested = list(settings.bits)
   own = {p: _own_grid(p, trained) for p in requested}
@@ -912,7 +927,7 @@ def evaluate_prepared(
       "activation_ranges": {k: [lo, hi] for k, (lo, hi) in prepared.ranges.items()},
       "folded_layers": (["/".join(p) for p in prepared.eval_variables.pairs]
                         if isinstance(prepared.eval_variables, quant.FoldedVariables) else []),
-      "config": _config_json(prepared.config),
+      "config": config_json(prepared.config),
   }
   return RunResult(info, results)
 
@@ -946,7 +961,9 @@ def column_name(w_bits: int | None, a_bits: int | None) -> str:
   return "FP" if w_bits is None else f"({w_bits},{a_bits})"
 
 
-def summarize(results: Sequence[Mapping[str, Any]], *, group_by: str = "run") -> tuple[list[str], list[TableRow]]:
+def summarize(
+    results: Sequence[Mapping[str, Any]], *, group_by: str = "run"
+) -> tuple[list[str], list[TableRow]]:
   """Groups result entries into table rows, one column per bit-width.
 
   Args:
@@ -1075,12 +1092,14 @@ class Report:
     runs: Per-run metadata (``ptq.json``'s ``runs``).
     results: Per-run, per-pair entries (``ptq.json``'s ``results``).
     files: ``{"json"|"md"|"csv"|"png": path}`` written, if any.
+    prepared: The prepared runs (not serialized), e.g. for an export.
   """
 
   settings: Settings
   runs: list[dict[str, Any]]
   results: list[dict[str, Any]]
   files: dict[str, str] = dataclasses.field(default_factory=dict)
+  prepared: list[PreparedRun] = dataclasses.field(default_factory=list, repr=False)
 
   def to_json(self) -> dict[str, Any]:
     return {
@@ -1157,6 +1176,7 @@ def evaluate(
     *,
     out_dir: str | None = None,
     write: bool = True,
+    progress: Callable[[str], None] | None = None,
 ) -> Report:
   """Evaluates every run at every bit-width and writes the report.
 
@@ -1165,6 +1185,8 @@ def evaluate(
     settings: Evaluation settings.
     out_dir: Where the report goes; default the first workdir.
     write: Write the files (``ptq.json``, ``.md``, ``.csv``, ``.png``).
+    progress: Called with a line per run (e.g. ``print``); default absl
+      logging at INFO.
 
   Returns:
     The report.
@@ -1174,21 +1196,24 @@ def evaluate(
   """
   from l1grad import data  # pylint: disable=g-import-not-at-top
 
+  say = progress or (lambda line: logging.info("%s", line))
   if not workdirs:
     raise errors.ConfigError("No workdir given; pass --workdir DIR (repeatable).")
-  runs, results = [], []
+  report = Report(settings, [], [])
   for workdir, label in zip(workdirs, _run_labels(workdirs)):
     prepared = prepare_run(workdir, settings, label=label)
     config = prepared.config
     batches = data.eval_batches(
-        config.dataset, "test", global_batch_size=_eval_batch_size(config, settings),
+        config.dataset, "test", global_batch_size=eval_batch_size(config, settings),
         data_dir=_data_dir(config), max_examples=settings.max_examples)
     result = evaluate_prepared(prepared, settings, batches)
-    logging.info("%s (step %d, %s): float accuracy %.4f", prepared.label, prepared.step,
-                 result.info["method"], result.info["float_accuracy"])
-    runs.append(result.info)
-    results.extend(result.results)
-  report = Report(settings, runs, results)
+    say(f"{prepared.label} (step {prepared.step}, {result.info['method']}):"
+        f" float accuracy {100 * result.info['float_accuracy']:.2f} % on"
+        f" {result.info['num_examples']} test examples, {len(settings.bits)}"
+        f" bit-widths, activation ranges: {settings.act_ranges}")
+    report.runs.append(result.info)
+    report.results.extend(result.results)
+    report.prepared.append(prepared)
   if write:
     write_report(report, out_dir or workdirs[0])
   return report

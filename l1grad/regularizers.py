@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-__all__ = ["kernel_leaves", "orthogonality_penalty"]
+__all__ = ["is_kernel_path", "kernel_leaves", "orthogonality_penalty"]
 
 
 def _key_name(key: Any) -> str:
@@ -24,6 +24,11 @@ def _key_name(key: Any) -> str:
         if hasattr(key, attr):
             return str(getattr(key, attr))
     return str(key)
+
+
+def is_kernel_path(path: tuple[Any, ...]) -> bool:
+    """Whether a ``tree_flatten_with_path`` key path ends at a ``kernel`` leaf."""
+    return bool(path) and _key_name(path[-1]) == "kernel"
 
 
 def kernel_leaves(params: Any) -> list[tuple[str, jax.Array]]:
@@ -43,7 +48,7 @@ def kernel_leaves(params: Any) -> list[tuple[str, jax.Array]]:
     leaves, _ = jax.tree_util.tree_flatten_with_path(params)
     out = []
     for path, leaf in leaves:
-        if path and _key_name(path[-1]) == "kernel" and jnp.ndim(leaf) >= 2:
+        if is_kernel_path(path) and jnp.ndim(leaf) >= 2:
             out.append(("/".join(_key_name(k) for k in path), leaf))
     return out
 

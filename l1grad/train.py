@@ -10,10 +10,11 @@ the global batch loss whatever the number of devices.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -38,6 +39,7 @@ from l1grad import perturb
 from l1grad import quant
 from l1grad import regularizers
 from l1grad.errors import CheckpointError
+from l1grad.errors import WorkdirError
 
 PyTree = Any
 Metrics = dict[str, jax.Array]
@@ -54,7 +56,11 @@ def console(message: str, *args: Any) -> None:
 
 
 class TrainingDivergedError(RuntimeError):
-  """A loss or gradient became non-finite; nothing after it was saved."""
+  """A loss, gradient or the state became non-finite; nothing after it was saved.
+
+  ``train.py`` prints the message (step, loss parts, last good checkpoint) and
+  exits with code 1: the input was valid, the optimisation failed.
+  """
 
 
 @flax.struct.dataclass
@@ -300,20 +306,30 @@ def evaluate(eval_step: Callable[..., Any], state: TrainState,
 
 
 class MetricWriter:
-  """Scalars to ``metrics.jsonl`` and TensorBoard event files (no TensorFlow)."""
+  """Scalars to ``metrics.jsonl`` and TensorBoard event files (no TensorFlow).
 
-  def __init__(self, workdir: str, history: list[dict[str, Any]]):
+  On resume both are cut back to the checkpoint: ``metrics.jsonl`` is
+  rewritten from the checkpoint's history, and TensorBoard is told to hide
+  the events an interrupted run logged after ``start_step`` (the rerun logs
+  those steps again), so neither shows a step twice.
+  """
+
+  def __init__(self, workdir: str, history: list[dict[str, Any]],
+               start_step: int = 0):
     self._enabled = jax.process_index() == 0
     self._path = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
     if self._enabled:
-      # Rewritten from the checkpoint's history: rows logged after the last
-      # checkpoint by an interrupted run are dropped, the rerun adds them.
-      with open(self._path, "w") as f:
+      # Written beside and renamed: a kill during the rewrite must not leave
+      # a truncated file that holds less than the checkpoint's history.
+      tmp = self._path + ".tmp"
+      with open(tmp, "w") as f:
         for row in history:
           f.write(json.dumps(row) + "\n")
+      os.replace(tmp, self._path)
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                               purge_step=start_step + 1 if start_step else None)
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     if not self._enabled:
@@ -329,61 +345,272 @@ class MetricWriter:
       self._tb.close()
 
 
+# Metrics whose non-finite value means the run has diverged; the update and
+# parameter norms catch an overflow in the optimizer even when the gradient
+# itself is still finite.
+_WATCHED = ("total_loss", "cross_entropy", "penalty", "dq_penalty", "grad_norm",
+            "update_norm", "param_norm")
+# The loss parts and context the divergence message reports.
+_REPORTED = ("cross_entropy", "weight_penalty", "act_penalty", "dq_penalty",
+             "penalty", "total_loss", "grad_norm", "update_norm",
+             "learning_rate")
+
+
+def _last_good(last_saved: int | None, workdir: str) -> str:
+  if last_saved is None:
+    return "no checkpoint was saved before it"
+  return (f"the last good checkpoint is step {last_saved} in"
+          f" {checkpoint.checkpoint_dir(workdir)}")
+
+
+_DIVERGED_FIX = (
+    " Rerunning the same command would diverge again. Lower the learning"
+    " rate (--config.learning_rate) or the regularization coefficient"
+    " (--config.reg.weight_coef), or fine-tune from a trained model"
+    " instead of regularizing from scratch, in a new --workdir (this one"
+    " refuses a changed config); --config.init_from=<this workdir> starts"
+    " from its last good checkpoint.")
+
+
 def _check_finite(pending: list[tuple[int, Metrics]], last_saved: int | None,
-                  workdir: str) -> None:
-  """Raises on the first pending step whose loss or gradient is not finite."""
+                  workdir: str, last_step: int | None = None) -> None:
+  """Raises on the first pending step whose loss, gradient or update is not finite.
+
+  Args:
+    pending: ``(step index, metrics)`` of every step run since the last check,
+      oldest first. Checking all of them (not only the one logged) is what
+      guarantees that a later save never holds a state a bad step produced.
+    last_saved: the newest checkpoint step, or None.
+    workdir: the run's workdir (named in the message).
+    last_step: the run's last step, for the "step N/M" numbering of the
+      progress lines.
+
+  Raises:
+    TrainingDivergedError: naming the step, each loss part and the last good
+      checkpoint.
+  """
   for step, metrics in pending:
     values = jax.device_get(metrics)
-    watched = ("total_loss", "cross_entropy", "penalty", "grad_norm")
-    if all(math.isfinite(float(values[k])) for k in watched):
+    if all(math.isfinite(float(values[k])) for k in _WATCHED):
       continue
-    parts = ", ".join(
-        f"{k}={float(values[k]):.6g}" for k in
-        ("cross_entropy", "weight_penalty", "act_penalty", "dq_penalty",
-         "penalty", "total_loss", "grad_norm"))
-    last = (f"the last good checkpoint is step {last_saved} in"
-            f" {checkpoint.checkpoint_dir(workdir)}" if last_saved is not None
-            else "no checkpoint was saved")
+    parts = ", ".join(f"{k}={float(values[k]):.6g}" for k in _REPORTED)
+    # Step numbers count steps done, as in the progress lines and checkpoint
+    # names: the update with index `step` is "step step+1".
+    total = f"/{last_step}" if last_step is not None else ""
     raise TrainingDivergedError(
-        f"Non-finite loss or gradient at step {step} ({parts}). Training"
-        f" stopped and nothing from this step on was saved; {last}. Lower"
-        " the learning rate or the regularization coefficient"
-        " (--config.reg.weight_coef), or fine-tune from a trained"
-        " checkpoint (--config.init_from) instead of regularizing from"
-        " scratch.")
+        f"Non-finite loss or gradient at step {step + 1}{total} ({parts})."
+        " Training stopped and nothing from this step on was saved;"
+        f" {_last_good(last_saved, workdir)}." + _DIVERGED_FIX)
+
+
+@jax.jit
+def _all_finite(tree: PyTree) -> jax.Array:
+  """True when every floating-point leaf of ``tree`` is finite."""
+  flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+           if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
+
+
+def _check_state_finite(state: TrainState, step: int, last_saved: int | None,
+                        workdir: str) -> None:
+  """Refuses to checkpoint a state with a non-finite parameter or statistic.
+
+  The metric check sees losses and norms only; this one sees every array
+  that would be saved (batch statistics and optimizer moments included), so
+  no checkpoint can ever hold a NaN or an infinity.
+  """
+  if bool(jax.device_get(_all_finite(state.to_dict()))):
+    return
+  raise TrainingDivergedError(
+      f"The train state holds a non-finite value at step {step} although"
+      " every logged loss and gradient was finite (an overflow in the"
+      " parameters, batch statistics or optimizer state). Training stopped"
+      f" without saving step {step}; {_last_good(last_saved, workdir)}."
+      + _DIVERGED_FIX)
+
+
+class _StopSignal:
+  """Turns SIGTERM into "save at the current step and return".
+
+  Cluster schedulers send SIGTERM some seconds before they kill a job. The
+  handler only sets a flag: saving from inside a signal handler could
+  interleave with a step or with Orbax's own save. The loop checks the flag
+  after every step. With several processes, every host must stop at the same
+  step, which a local flag cannot promise; there the JAX distributed
+  runtime's preemption service (it handles SIGTERM itself) agrees on the
+  step, read through ``CheckpointManager.reached_preemption``.
+  """
+
+  def __init__(self):
+    self.signal_number: int | None = None
+    self._previous: Any = None
+    self._installed = False
+
+  def __enter__(self) -> "_StopSignal":
+    # signal.signal works only in the main thread; elsewhere (a notebook's
+    # worker thread) SIGTERM keeps its default meaning.
+    if (jax.process_count() == 1
+        and threading.current_thread() is threading.main_thread()):
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      self._installed = True
+    return self
+
+  def __exit__(self, *exc_info: Any) -> None:
+    if self._installed:
+      signal.signal(signal.SIGTERM, self._previous
+                    if self._previous is not None else signal.SIG_DFL)
+      self._installed = False
+
+  def _handle(self, signum: int, frame: Any) -> None:
+    del frame
+    self.signal_number = signum
+
+  def requested(self, mngr: Any, step: int) -> bool:
+    if jax.process_count() > 1:
+      return bool(mngr.reached_preemption(step))
+    return self.signal_number is not None
 
 
 # --------------------------------------------------------------------------
 # The loop.
 
 
+def abstract_variables(model: nn.Module, image_shape: tuple[int, ...]
+                       ) -> tuple[PyTree, PyTree]:
+  """``(params, batch_stats)`` as shapes and dtypes only; nothing compiles."""
+  variables = jax.eval_shape(
+      lambda: model.init({"params": jax.random.key(0)},
+                         jnp.zeros((1, *image_shape), jnp.float32),
+                         train=False))
+  return variables["params"], variables.get("batch_stats", {})
+
+
+def _shape_table(tree: PyTree) -> dict[str, tuple[tuple[int, ...], str]]:
+  """``{"params/Conv_0/kernel": (shape, dtype), ...}``, parameters first."""
+  table = {
+      "/".join(str(getattr(k, "key", k)) for k in path):
+          (tuple(x.shape), str(x.dtype))
+      for path, x in jax.tree_util.tree_leaves_with_path(tree)}
+  # A user recognises a kernel's shape sooner than a batch-norm statistic's.
+  return dict(sorted(table.items(),
+                     key=lambda kv: (not kv[0].startswith("params/"), kv[0])))
+
+
 def _restore_init_from(init_from: str, params: PyTree, batch_stats: PyTree
                        ) -> tuple[PyTree, PyTree]:
-  """Parameters and batch statistics of another run, checked against ours."""
-  source = checkpoint.load_run(init_from)
-  expected = jax.tree.map(lambda x: (x.shape, str(x.dtype)),
-                          {"params": params, "batch_stats": batch_stats})
-  got = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)),
-                     {"params": source.params,
+  """Parameters and batch statistics of another run, checked against ours.
+
+  ``params`` and ``batch_stats`` give the expected shapes and dtypes (arrays
+  or ``jax.ShapeDtypeStruct``), so the check runs before anything compiles.
+
+  Raises:
+    CheckpointError: nothing readable there, or another architecture.
+  """
+  try:
+    source = checkpoint.load_run(init_from)
+  except CheckpointError as e:
+    raise CheckpointError(f"config.init_from: {e}") from None
+  expected = _shape_table({"params": params, "batch_stats": batch_stats})
+  got = _shape_table({"params": source.params,
                       "batch_stats": source.batch_stats})
-  if jax.tree.structure(expected) != jax.tree.structure(got) or expected != got:
+  if expected != got:
+    missing = sorted(set(expected) - set(got))
+    extra = sorted(set(got) - set(expected))
+    if missing or extra:
+      detail = (f"this model has {len(missing)} array(s) the source lacks"
+                f" (e.g. {missing[0] if missing else extra[0]})")
+      if extra and not missing:
+        detail = (f"the source has {len(extra)} array(s) this model lacks"
+                  f" (e.g. {extra[0]})")
+    else:
+      key = next(k for k in expected if expected[k] != got[k])
+      detail = (f"{key} is {got[key][0]} {got[key][1]} there and"
+                f" {expected[key][0]} {expected[key][1]} here")
+    kwargs = source.config.get("model_kwargs") or {}
+    if hasattr(kwargs, "to_dict"):
+      kwargs = kwargs.to_dict()
     raise CheckpointError(
         f"--config.init_from={init_from!r} holds a {source.config.model!r}"
-        f" model ({source.config.get('model_kwargs', {})}) on"
-        f" {source.config.dataset!r} whose parameters do not match this"
-        " run's model. Fine-tune with the same"
-        " --config.model and --config.model_kwargs as the source run.")
+        f" model (model_kwargs {kwargs}) on {source.config.dataset!r} whose"
+        f" parameters do not match this run's model: {detail}. Fine-tune"
+        " with the same --config.model and --config.model_kwargs as the"
+        " source run.")
   return (jax.tree.map(jnp.asarray, source.params),
           jax.tree.map(jnp.asarray, source.batch_stats))
+
+
+class _WorkdirLock:
+  """Holds an exclusive lock on ``WORKDIR/.lock`` while a run writes there.
+
+  Two trainers in one workdir (a scheduler restarting a job whose old copy
+  is still saving, a command started twice) would interleave checkpoints and
+  delete each other's temporary save folders. ``flock`` locks are released
+  by the kernel when the process dies, even by SIGKILL, so a killed run never
+  leaves a stale lock behind. Only the first process locks: on several hosts
+  the others write through it.
+  """
+
+  def __init__(self, workdir: str):
+    self._path = os.path.join(workdir, ".lock")
+    self._file = None
+
+  def __enter__(self) -> "_WorkdirLock":
+    try:
+      import fcntl  # pylint: disable=g-import-not-at-top
+    except ImportError:  # Not POSIX: run unlocked rather than not at all.
+      return self
+    if jax.process_index() != 0:
+      return self
+    self._file = open(self._path, "a+")
+    try:
+      fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      self._file.seek(0)
+      holder = self._file.read().strip() or "unknown"
+      self._file.close()
+      self._file = None
+      raise WorkdirError(
+          f"Another training process (pid {holder}) is running in"
+          f" {os.path.dirname(self._path)}. Wait for it to finish or stop"
+          " it (SIGTERM saves a checkpoint), then rerun; or pass a new"
+          " --workdir.") from None
+    self._file.seek(0)
+    self._file.truncate()
+    self._file.write(str(os.getpid()))
+    self._file.flush()
+    return self
+
+  def __exit__(self, *exc_info: Any) -> None:
+    if self._file is not None:
+      self._file.close()  # Closing releases the lock.
+      self._file = None
+
+
+def _prepare_workdir(workdir: str) -> str:
+  workdir = os.path.abspath(workdir)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise WorkdirError(
+        f"Cannot create --workdir {workdir!r} ({e.strerror or e}). Pass a"
+        " writable directory path.") from None
+  if not os.access(workdir, os.W_OK):
+    raise WorkdirError(f"--workdir {workdir!r} is not writable. Pass a"
+                       " writable directory path.")
+  return workdir
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> TrainState:
   """Trains (or resumes) the configured run in ``workdir`` and evaluates it.
 
+  Every check of the user's input (config, data, workdir, ``init_from``)
+  runs before the first training step compiles. SIGTERM makes the run save
+  a checkpoint at the current step and return early (the returned state's
+  ``step`` is then below the schedule's end); rerunning resumes it.
+
   Args:
-    config: a config from ``configs/`` (validated here before anything
-      compiles).
+    config: a config from ``configs/``.
     workdir: where checkpoints, ``metrics.jsonl`` and TensorBoard files go;
       rerunning with the same workdir resumes from the latest checkpoint.
 
@@ -391,12 +618,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     The final train state.
 
   Raises:
-    UserError: bad config, missing data, unusable checkpoint.
-    TrainingDivergedError: a non-finite loss or gradient.
+    UserError: bad config, missing data, unusable checkpoint or workdir.
+    TrainingDivergedError: a non-finite loss, gradient or state.
   """
   config_lib.validate(config)
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = _prepare_workdir(workdir)
+  with _WorkdirLock(workdir):
+    return _train_locked(config, workdir)
+
+
+def _train_locked(config: ml_collections.ConfigDict,
+                  workdir: str) -> TrainState:
+  """``train_and_evaluate`` once the workdir is this process's."""
   info = data.get_info(config.dataset, data_dir=config.data_dir or None)
   plan = schedule_steps(config, data.steps_per_epoch(
       config.dataset, config.batch_size, data_dir=config.data_dir or None))
@@ -409,95 +642,127 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   batch_sharding = NamedSharding(mesh, P("data"))
 
   mngr = checkpoint.manager(workdir, keep=config.keep_checkpoints)
-  latest = mngr.latest_step()
-  if latest is not None:
-    config_lib.check_same_run(config, checkpoint.stored_config(mngr, latest),
-                              workdir)
-
-  params, batch_stats = init_variables(model, info.image_shape, config.seed)
-  if config.init_from and latest is None:
-    params, batch_stats = _restore_init_from(config.init_from, params,
-                                             batch_stats)
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                     batch_stats=batch_stats, opt_state=tx.init(params))
-  state = jax.device_put(state, replicated)
-  history: list[dict[str, Any]] = []
-  if latest is not None:
-    restored, _, history = checkpoint.restore(mngr, latest, state.to_dict())
-    state = TrainState(**restored)
-    console("Resumed from step %d in %s", latest, workdir)
-
-  step_fns = {}
-  for regularized in (False, True):
-    fn = make_train_step(model, config, tx, lr, regularized=regularized)
-    step_fns[regularized] = jax.jit(
-        fn, donate_argnums=0,
-        in_shardings=(replicated, batch_sharding, replicated),
-        out_shardings=(replicated, replicated))
-  eval_step = jax.jit(make_eval_step(model),
-                      in_shardings=(replicated, batch_sharding),
-                      out_shardings=replicated)
-
-  writer = MetricWriter(workdir, history)
-  rng = jax.random.key(config.seed)
-  start = int(jax.device_get(state.step))
-  batches = data.train_batches(
-      config.dataset, global_batch_size=config.batch_size, seed=config.seed,
-      start_step=start, process_index=jax.process_index(),
-      process_count=jax.process_count(), data_dir=config.data_dir or None,
-      worker_count=config.worker_count)
-  console(
-      "Training %s on %s: %d steps (%d epochs × %d), regularization %s from"
-      " step %d, %d device(s).", config.model, config.dataset,
-      plan.total_steps, config.num_epochs, plan.steps_per_epoch,
-      config.reg.kind, plan.reg_start_step, jax.device_count())
-
-  pending: list[tuple[int, Metrics]] = []
-  last_saved = latest
-  t_log, step_log = time.time(), start
+  writer = None
   try:
-    for step in range(start, plan.last_step):
-      batch = global_batch(next(batches), batch_sharding)
-      regularized = plan.regularized(step)
-      state, metrics = step_fns[regularized](state, batch, rng)
-      pending.append((step, metrics))
-      done = step + 1
-      log_now = done % config.log_every_steps == 0 or done == plan.last_step
-      epoch_end = done % plan.steps_per_epoch == 0
-      save_now = done % plan.checkpoint_every == 0 or done == plan.last_step
-      eval_now = done == plan.last_step or (
-          epoch_end and config.eval_every_epochs > 0 and
-          (done // plan.steps_per_epoch) % config.eval_every_epochs == 0)
-      if not (log_now or save_now or eval_now):
-        continue
-      _check_finite(pending, last_saved, workdir)
-      scalars = {k: float(v) for k, v in jax.device_get(pending[-1][1]).items()}
-      pending.clear()
-      now = time.time()
-      rate = (done - step_log) * config.batch_size / max(now - t_log, 1e-9)
-      t_log, step_log = now, done
-      scalars["epoch"] = done / plan.steps_per_epoch
-      scalars["images_per_sec"] = rate
-      if eval_now:
-        scalars.update(evaluate(eval_step, state, config, batch_sharding))
-      row = {"step": done, **scalars}
-      history.append(row)
-      writer.write(done, scalars)
-      eta = (plan.last_step - done) * config.batch_size / max(rate, 1e-9)
-      console(
-          "step %d/%d (epoch %.2f) xent %.4f penalty %.4g |∇W|₁ %.4g"
-          " |∇A|₁ %.4g train acc %.3f%s lr %.4g %.0f img/s ETA %.0fs",
-          done, plan.last_step, scalars["epoch"], scalars["cross_entropy"],
-          scalars["penalty"] + scalars["dq_penalty"],
-          scalars["weight_grad_l1"], scalars["act_grad_l1"],
-          scalars["train_accuracy"],
-          f" test acc {scalars['test_accuracy']:.4f}" if eval_now else "",
-          scalars["learning_rate"], rate, eta)
-      if save_now:
-        checkpoint.save(mngr, done, state.to_dict(), config, history)
-        last_saved = done
+    latest = mngr.latest_step()
+    if latest is not None:
+      config_lib.check_same_run(config, checkpoint.stored_config(mngr, latest),
+                                workdir)
+    if config.init_from and latest is None:
+      # Checked on shapes alone so an incompatible source fails before any
+      # compilation; the random init is skipped since it would be replaced.
+      params, batch_stats = _restore_init_from(
+          config.init_from, *abstract_variables(model, info.image_shape))
+    else:
+      params, batch_stats = init_variables(model, info.image_shape,
+                                           config.seed)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                       batch_stats=batch_stats, opt_state=tx.init(params))
+    state = jax.device_put(state, replicated)
+    history: list[dict[str, Any]] = []
+    if latest is not None:
+      restored, _, history = checkpoint.restore(mngr, latest, state.to_dict())
+      state = TrainState(**restored)
+      console("Resumed from step %d in %s", latest, workdir)
+
+    step_fns = {}
+    for regularized in (False, True):
+      fn = make_train_step(model, config, tx, lr, regularized=regularized)
+      step_fns[regularized] = jax.jit(
+          fn, donate_argnums=0,
+          in_shardings=(replicated, batch_sharding, replicated),
+          out_shardings=(replicated, replicated))
+    eval_step = jax.jit(make_eval_step(model),
+                        in_shardings=(replicated, batch_sharding),
+                        out_shardings=replicated)
+
+    rng = jax.random.key(config.seed)
+    start = int(jax.device_get(state.step))
+    writer = MetricWriter(workdir, history, start)
+    if start >= plan.last_step:
+      console("Nothing to do: %s already holds step %d of %d.", workdir,
+              start, plan.last_step)
+      return state
+    batches = data.train_batches(
+        config.dataset, global_batch_size=config.batch_size, seed=config.seed,
+        start_step=start, process_index=jax.process_index(),
+        process_count=jax.process_count(), data_dir=config.data_dir or None,
+        worker_count=config.worker_count)
+    console(
+        "Training %s on %s: %d steps (%d epochs × %d), regularization %s from"
+        " step %d, %d device(s).", config.model, config.dataset,
+        plan.total_steps, config.num_epochs, plan.steps_per_epoch,
+        config.reg.kind, plan.reg_start_step, jax.device_count())
+
+    pending: list[tuple[int, Metrics]] = []
+    last_saved = latest
+    t_log, step_log = time.time(), start
+    with _StopSignal() as stop:
+      for step in range(start, plan.last_step):
+        batch = global_batch(next(batches), batch_sharding)
+        regularized = plan.regularized(step)
+        state, metrics = step_fns[regularized](state, batch, rng)
+        pending.append((step, metrics))
+        done = step + 1
+        log_now = done % config.log_every_steps == 0 or done == plan.last_step
+        epoch_end = done % plan.steps_per_epoch == 0
+        save_now = done % plan.checkpoint_every == 0 or done == plan.last_step
+        eval_now = done == plan.last_step or (
+            epoch_end and config.eval_every_epochs > 0 and
+            (done // plan.steps_per_epoch) % config.eval_every_epochs == 0)
+        stop_now = stop.requested(mngr, done) and done < plan.last_step
+        if not (log_now or save_now or eval_now or stop_now):
+          continue
+        # Every step since the last check, not only the logged one: a bad
+        # step followed by finite-looking ones must still stop the run
+        # before anything it produced is saved.
+        _check_finite(pending, last_saved, workdir, plan.last_step)
+        if log_now or save_now or eval_now:
+          # A stop adds no row: the resumed run's metrics.jsonl then reads
+          # exactly like an uninterrupted run's.
+          scalars = {k: float(v)
+                     for k, v in jax.device_get(pending[-1][1]).items()}
+          now = time.time()
+          rate = (done - step_log) * config.batch_size / max(now - t_log, 1e-9)
+          t_log, step_log = now, done
+          scalars["epoch"] = done / plan.steps_per_epoch
+          scalars["images_per_sec"] = rate
+          if eval_now:
+            scalars.update(evaluate(eval_step, state, config, batch_sharding))
+          row = {"step": done, **scalars}
+          history.append(row)
+          writer.write(done, scalars)
+          eta = (plan.last_step - done) * config.batch_size / max(rate, 1e-9)
+          console(
+              "step %d/%d (epoch %.2f) xent %.4f penalty %.4g |∇W|₁ %.4g"
+              " |∇A|₁ %.4g train acc %.3f%s lr %.4g %.0f img/s ETA %.0fs",
+              done, plan.last_step, scalars["epoch"], scalars["cross_entropy"],
+              scalars["penalty"] + scalars["dq_penalty"],
+              scalars["weight_grad_l1"], scalars["act_grad_l1"],
+              scalars["train_accuracy"],
+              f" test acc {scalars['test_accuracy']:.4f}" if eval_now else "",
+              scalars["learning_rate"], rate, eta)
+        pending.clear()
+        if save_now or stop_now:
+          _check_state_finite(state, done, last_saved, workdir)
+          checkpoint.save(mngr, done, state.to_dict(), config, history)
+          last_saved = done
+        if stop_now:
+          mngr.wait_until_finished()
+          console("Stopped by %s after step %d of %d; saved checkpoint %d in"
+                  " %s. Rerun the same command to continue.",
+                  _signal_name(stop.signal_number), done, plan.last_step,
+                  done, checkpoint.checkpoint_dir(workdir))
+          break
   finally:
     mngr.wait_until_finished()
     mngr.close()
-    writer.close()
+    if writer is not None:
+      writer.close()
   return state
+
+
+def _signal_name(number: int | None) -> str:
+  if number is None:
+    return "a preemption notice"
+  return signal.Signals(number).name

@@ -1,0 +1,493 @@
+"""Post-training quantization: ranges, the one-compile sweep, STE, reports, CLI."""
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from absl import flags
+from absl import logging
+
+from l1grad import errors
+from l1grad import models
+from l1grad import perturb
+from l1grad import ptq
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---------------------------------------------------------------------------
+# Batch-norm (Data-Free Quantization) ranges.
+# ---------------------------------------------------------------------------
+
+
+def _bn(name):
+  return nn.BatchNorm(use_running_average=True, name=name)
+
+
+def _conv(name, features=3):
+  return nn.Conv(features, (1, 1), use_bias=False, name=name)
+
+
+class Branches(nn.Module):
+  """stem→BN→ReLU → (a→BN + b→BN) → ReLU → max-pool → c→BN → mean → head.
+
+  Covers the rule's cases: a ReLU clamp (input of ``a``/``b``, one shared
+  point), two branches summed then ReLU (input of ``c``), and a BN output
+  with no ReLU, average-pooled (input of ``head``: a signed range).
+  """
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    x = nn.relu(_bn("bn_stem")(_conv("stem")(x)))
+    y = nn.relu(_bn("bn_a")(_conv("a")(x)) + _bn("bn_b")(_conv("b")(x)))
+    y = nn.max_pool(y, (2, 2), strides=(2, 2))
+    y = _bn("bn_c")(_conv("c")(y))
+    return nn.Dense(2, name="head")(jnp.mean(y, axis=(1, 2)))
+
+
+BN_PARAMS = {  # (beta, gamma) per channel; negative γ: the rule uses |γ|
+    "bn_stem": ([-1.0, 0.5, 2.0], [0.1, -0.2, 0.05]),
+    "bn_a": ([0.0, 3.0, 1.0], [0.1, 0.2, 0.05]),
+    "bn_b": ([4.0, -1.0, 0.5], [0.05, 0.1, -0.1]),
+    "bn_c": ([-2.0, 0.0, 1.0], [0.2, 0.1, 0.3]),
+}
+
+
+def _hand_built():
+  model = Branches()
+  x = jnp.zeros((1, 4, 4, 2))
+  variables = jax.tree.map(np.asarray, model.init(jax.random.key(0), x))
+  params = variables["params"]
+  for name, (beta, gamma) in BN_PARAMS.items():
+    params[name]["bias"] = np.asarray(beta, np.float32)
+    params[name]["scale"] = np.asarray(gamma, np.float32)
+  return model, variables, x
+
+
+def _bounds(name):
+  beta, gamma = (np.asarray(v, np.float32) for v in BN_PARAMS[name])
+  return beta - 6 * np.abs(gamma), beta + 6 * np.abs(gamma)
+
+
+def test_bn_ranges_follow_the_dfq_rule_on_a_hand_built_network():
+  model, variables, x = _hand_built()
+  ranges = ptq.bn_activation_ranges(model, variables, x)
+  assert set(ranges) == {"a", "c", "head"}  # "b" reads the same tensor as "a"
+
+  lo, hi = _bounds("bn_stem")  # [-1.6, -0.7, 1.7], [-0.4, 1.7, 2.3]
+  np.testing.assert_allclose(ranges["a"], (np.maximum(lo, 0).min(), np.maximum(hi, 0).max()),
+                             rtol=1e-6)
+  assert ranges["a"][0] == 0.0  # clamped by the ReLU
+
+  (la, ua), (lb, ub) = _bounds("bn_a"), _bounds("bn_b")
+  # Bounds add per channel, then the ReLU clamps and max-pool keeps them.
+  np.testing.assert_allclose(
+      ranges["c"], (np.maximum(la + lb, 0).min(), np.maximum(ua + ub, 0).max()), rtol=1e-6)
+  # Per-channel sums are tighter than adding the per-tensor bounds (4.6 vs 8.2).
+  assert ranges["c"][1] < ua.max() + ub.max()
+
+  lc, uc = _bounds("bn_c")  # no ReLU: a signed range, the BN's own bounds
+  np.testing.assert_allclose(ranges["head"], (lc.min(), uc.max()), rtol=1e-6)
+  assert ranges["head"][0] < 0
+
+
+class HalfBN(nn.Module):
+  """A BN-fed Dense, then a Dense with bias → ReLU (no BN) feeding the head."""
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    x = nn.relu(_bn("bn")(_conv("stem")(x)))
+    x = nn.relu(nn.Dense(4, name="hidden")(x.reshape((x.shape[0], -1))))
+    return nn.Dense(2, name="head")(x)
+
+
+def test_bn_ranges_refuse_points_not_fed_by_batch_norm():
+  model = HalfBN()
+  x = jnp.zeros((1, 2, 2, 1))
+  variables = model.init(jax.random.key(0), x)
+  with pytest.raises(errors.UserError, match="calibrate") as info:
+    ptq.bn_activation_ranges(model, variables, x)
+  assert "'head'" in str(info.value) and "'hidden'" not in str(info.value)
+
+
+def _randomize_bn(variables, seed, spread=0.5):
+  """Random BN affine params and statistics (as after training)."""
+  rng = np.random.default_rng(seed)
+
+  def visit(path, leaf):
+    names = [str(getattr(k, "key", k)) for k in path]
+    if not any(n.startswith(("BatchNorm", "bn", "norm")) for n in names[:-1]):
+      return np.asarray(leaf)
+    if names[-1] in ("var", "scale"):
+      return rng.uniform(1 - spread, 1 + 2 * spread, leaf.shape).astype(np.float32)
+    return rng.normal(0.0, spread, leaf.shape).astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(visit, variables)
+
+
+def test_bn_ranges_bound_every_activation_when_bn_outputs_are_in_range():
+  # The monotone trick on a real residual network: if every BN output lies in
+  # its [β - 6|γ|, β + 6|γ|], every quantized activation lies in its range.
+  model = models.TinyResNet(num_classes=3, num_filters=4)
+  x = jax.random.normal(jax.random.key(0), (8, 8, 8, 3)) * 3
+  variables = _randomize_bn(model.init(jax.random.key(1), x, train=False), 0)
+  ranges = ptq.bn_activation_ranges(model, variables, x)
+  assert set(ranges) == set(perturb.activation_shapes(
+      lambda v, x: model.apply(v, x, train=False), variables, x))
+
+  def clip_bn(next_fun, args, kwargs, context):
+    y = next_fun(*args, **kwargs)
+    if context.method_name == "__call__" and isinstance(context.module, nn.BatchNorm):
+      p = context.module.variables["params"]
+      y = jnp.clip(y, p["bias"] - 6 * jnp.abs(p["scale"]), p["bias"] + 6 * jnp.abs(p["scale"]))
+    return y
+
+  seen = {}
+
+  def record(key, a):
+    seen[key] = np.asarray(a)
+    return a
+
+  with nn.intercept_methods(clip_bn), perturb.transform_layer_inputs(record):
+    model.apply(variables, x, train=False)
+  for key, (lo, hi) in ranges.items():
+    assert lo - 1e-5 <= seen[key].min() and seen[key].max() <= hi + 1e-5, key
+  # The residual sums add bounds: the stage-2 input exceeds the stem's range.
+  assert ranges["ResNetBlock_1/Conv_0"][1] > ranges["ResNetBlock_0/Conv_0"][1]
+
+
+# ---------------------------------------------------------------------------
+# The sweep: one compile, 16 bits = float, 2 bits worse, STE both ways.
+# ---------------------------------------------------------------------------
+
+SWEEP = [(16, 16), (8, 8), (8, 4), (6, 4), (4, 4), (3, 3), (2, 2)]
+
+
+@pytest.fixture(scope="module")
+def digits_setup():
+  model = models.get_model("digits_cnn", num_classes=10, width=4)
+  images = np.asarray(jax.random.normal(jax.random.key(0), (40, 8, 8, 1)), np.float32)
+  variables = _randomize_bn(model.init(jax.random.key(1), images[:1], train=False), 1, 0.1)
+  # Labels = the float model's predictions: float accuracy is exactly 1.
+  labels = np.asarray(jnp.argmax(model.apply(variables, images, train=False), -1), np.int32)
+  assert len(np.unique(labels)) >= 4  # not a constant predictor
+  batches = []
+  for start in range(0, 40, 16):  # 16, 16, 8 + 8 padding
+    n = min(16, 40 - start)
+    pad = 16 - n
+    batches.append({
+        "image": np.concatenate([images[start:start + n],
+                                 np.full((pad, 8, 8, 1), 100.0, np.float32)]),
+        "label": np.concatenate([labels[start:start + n], np.zeros(pad, np.int32)]),
+        "mask": np.arange(16) < n,
+    })
+  folded = ptq.prepare_variables(model, variables, images[:1])
+  ranges = ptq.bn_activation_ranges(model, variables, images[:1])
+  evaluator = ptq.Evaluator(model, max_traces=1)
+  return model, variables, folded, ranges, batches, evaluator
+
+
+def test_sweep_one_trace_16_bits_is_float_2_bits_is_worse(digits_setup):
+  _, _, folded, ranges, batches, evaluator = digits_setup
+  float_stats, stats = ptq.sweep(evaluator, folded, ranges, SWEEP, batches)
+  assert float_stats.count == 40 and float_stats.accuracy == 1.0
+  assert stats[(16, 16)].accuracy == float_stats.accuracy
+  assert stats[(16, 16)].kl < 1e-6
+  assert stats[(8, 8)].kl < 1e-3  # (a random net's logits nearly tie: no accuracy bound)
+  assert stats[(2, 2)].accuracy < float_stats.accuracy
+  assert stats[(2, 2)].kl > stats[(8, 8)].kl > stats[(16, 16)].kl
+  # Another sweep with other bit-widths and other ranges: still no retrace
+  # (max_traces=1 raises otherwise).
+  wider = {k: (lo, 2 * hi) for k, (lo, hi) in ranges.items()}
+  ptq.sweep(evaluator, folded, wider, [(5, 7), (12, 3)], batches)
+
+
+def test_unfolded_evaluation_matches_float_at_16_bits(digits_setup):
+  model, variables, _, ranges, batches, _ = digits_setup
+  plain = ptq.prepare_variables(model, variables, batches[0]["image"], fold=False)
+  assert "batch_stats" in plain
+  float_stats, stats = ptq.sweep(ptq.Evaluator(model), plain, ranges, [(16, 16)], batches)
+  assert stats[(16, 16)].accuracy == float_stats.accuracy == 1.0
+
+
+def test_calibrated_ranges_are_the_masked_min_max(digits_setup):
+  model, _, folded, _, batches, _ = digits_setup
+  ranges = ptq.calibrated_activation_ranges(model, folded, batches)
+  seen = {}
+
+  def record(key, a):
+    a = np.asarray(a)
+    lo, hi = seen.get(key, (np.inf, -np.inf))
+    seen[key] = (min(lo, a.min()), max(hi, a.max()))
+    return a
+
+  with perturb.transform_layer_inputs(record):  # real examples only
+    for b in batches:
+      ptq.apply_model(model, folded, b["image"][b["mask"]])
+  assert set(ranges) == set(seen)
+  for key in seen:
+    np.testing.assert_allclose(ranges[key], seen[key], rtol=1e-6)
+
+
+def _prepared(digits_setup, config):
+  model, variables, folded, ranges, batches, _ = digits_setup
+  return ptq.PreparedRun("ste_run", "/tmp/ste_run", 7, ml_collections.ConfigDict(config),
+                         model, variables, folded, ranges, "bn", batches[0]["image"][:1])
+
+
+def test_ste_run_reports_the_better_of_own_grid_and_requantized(digits_setup):
+  *_, batches, evaluator = digits_setup
+  config = {"seed": 3, "reg": {"kind": "none"}, "qat": {"bits": "4:4"}}
+  settings = ptq.Settings(bits=((8, 8), (4, 4), (2, 2), (8, 2)))
+  result = ptq.evaluate_prepared(_prepared(digits_setup, config), settings, batches,
+                                 evaluator=evaluator)
+  rows = {(r["w_bits"], r["a_bits"]): r for r in result.results}
+  assert rows[(None, None)]["kl"] == 0.0 and result.info["qat_bits"] == "4:4"
+  assert rows[(4, 4)]["ste_grid"] is None and rows[(2, 2)]["ste_grid"] is None
+  for pair, own in (((8, 8), (4, 4)), ((8, 2), (4, 2))):
+    row = rows[pair]
+    alt = row["ste_alternatives"]
+    assert (alt["own"]["w_bits"], alt["own"]["a_bits"]) == own
+    best = max(alt["own"]["accuracy"], alt["requantized"]["accuracy"])
+    assert row["accuracy"] == best
+    assert row["ste_grid"] == ("own" if alt["own"]["accuracy"] >= alt["requantized"]["accuracy"]
+                               else "requantized")
+  # The own grid at (8,8) is the (4,4) result.
+  assert rows[(8, 8)]["ste_alternatives"]["own"]["accuracy"] == rows[(4, 4)]["accuracy"]
+  assert all(r["method"] == "ste 4:4" and r["seed"] == 3 for r in result.results)
+
+
+def test_method_labels():
+  def label(**reg):
+    qat = reg.pop("qat", "")
+    return ptq.method_label(ml_collections.ConfigDict({"reg": reg, "qat": {"bits": qat}}))
+
+  assert label(kind="none") == "none"
+  assert label(kind="l1", weight_coef=0.05, act_coef=-1.0) == "l1 λ=0.05"
+  assert label(kind="l2", weight_coef=0.1, act_coef=0.02) == "l2 λw=0.1 λa=0.02"
+  assert label(kind="dq", weight_coef=0.001, act_coef=-1.0) == "dq β=0.001"
+  assert label(kind="none", qat="4:4") == "ste 4:4"
+
+
+# ---------------------------------------------------------------------------
+# Reports.
+# ---------------------------------------------------------------------------
+
+
+def _results(run, method, seed, accs):
+  cols = [(None, None), (8, 4), (4, 4)]
+  return [{"run": run, "method": method, "seed": seed, "step": 10, "w_bits": w, "a_bits": a,
+           "accuracy": acc, "kl": 0.0 if w is None else 0.1, "correct": 0, "count": 100}
+          for (w, a), acc in zip(cols, accs)]
+
+
+def test_two_run_table_and_report_files(tmp_path):
+  results = (_results("base", "none", 0, [0.92, 0.79, 0.11])
+             + _results("reg", "l1 λ=0.05", 0, [0.93, 0.90, 0.86]))
+  results[-1]["ste_grid"] = "own"
+  table = ptq.markdown_table(results)
+  lines = table.strip().splitlines()
+  assert lines[0] == "| run | method | FP | (8,4) | (4,4) |"
+  assert lines[2] == "| base | none | 92.00 | 79.00 | 11.00 |"
+  assert lines[3] == "| reg | l1 λ=0.05 | 93.00 | 90.00 | 86.00† |"
+
+  settings = ptq.Settings(bits=((8, 4), (4, 4)))
+  runs = [{"run": "base", "step": 10}, {"run": "reg", "step": 10}]
+  files = ptq.write_report(ptq.Report(settings, runs, results), str(tmp_path))
+  assert sorted(files) == ["csv", "json", "md", "png"]
+  assert all(os.path.getsize(f) > 0 for f in files.values())
+  data = json.load(open(files["json"]))
+  assert data["act_ranges"] == "bn" and data["settings"]["bits"] == ["8:4", "4:4"]
+  assert {"run", "method", "w_bits", "a_bits", "accuracy", "kl"} <= set(data["results"][0])
+  assert data["results"][0]["w_bits"] is None
+  md = open(files["md"]).read()
+  assert "| base | none |" in md and "| reg | l1 λ=0.05 |" in md and "Data-Free" in md
+  csv_lines = open(files["csv"]).read().splitlines()
+  assert len(csv_lines) == 7 and csv_lines[1].startswith("base,none,0,10,,,0.92")
+
+
+def test_grouping_by_method_gives_mean_and_std():
+  results = (_results("l1_s0", "l1 λ=0.05", 0, [0.90, 0.80, 0.70])
+             + _results("l1_s1", "l1 λ=0.05", 1, [0.92, 0.84, 0.74]))
+  lines = ptq.markdown_table(results, group_by="method").strip().splitlines()
+  assert lines[0] == "| method | FP | (8,4) | (4,4) |"
+  assert lines[2] == "| l1 λ=0.05 | 91.00 ± 1.41 | 82.00 ± 2.83 | 72.00 ± 2.83 |"
+
+
+# ---------------------------------------------------------------------------
+# Bad input (library level).
+# ---------------------------------------------------------------------------
+
+
+def test_settings_reject_bits_outside_2_to_16():
+  for pair in ((1, 4), (8, 17)):
+    with pytest.raises(errors.ConfigError, match="between 2 and 16"):
+      ptq.Settings(bits=(pair,))
+  with pytest.raises(errors.ConfigError, match="act_ranges"):
+    ptq.Settings(act_ranges="percentile")
+
+
+def test_variables_that_do_not_fit_the_model_are_a_checkpoint_error():
+  small = models.get_model("digits_cnn", num_classes=10, width=4)
+  big = models.get_model("digits_cnn", num_classes=10, width=8)
+  x = jnp.zeros((1, 8, 8, 1))
+  variables = jax.eval_shape(lambda: small.init(jax.random.key(0), x, train=False))
+  with pytest.raises(errors.CheckpointError, match="does not match.*shape"):
+    ptq.check_variables_match(big, variables, x)
+  ptq.check_variables_match(small, variables, x)  # no error
+
+
+# ---------------------------------------------------------------------------
+# End to end: train digits for a few steps, then eval_ptq.py's main.
+# ---------------------------------------------------------------------------
+
+
+def _train_digits(workdir, **overrides):
+  from configs import digits  # pylint: disable=g-import-not-at-top
+  from l1grad import train  # pylint: disable=g-import-not-at-top
+
+  config = digits.get_config()
+  config.model_kwargs.width = 4
+  config.num_epochs = 1
+  config.max_steps = 4
+  config.log_every_steps = 4
+  config.eval_every_epochs = -1
+  config.max_eval_examples = 64
+  for key, value in overrides.items():
+    *parents, leaf = key.split(".")
+    target = config
+    for p in parents:
+      target = target[p]
+    target[leaf] = value
+  train.train_and_evaluate(config, str(workdir))
+  return str(workdir)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  base = tmp_path_factory.mktemp("runs")
+  return (_train_digits(base / "plain"),
+          _train_digits(base / "ste", **{"qat.bits": "4:4", "seed": 1}))
+
+
+def _load_eval_ptq():
+  if "eval_ptq" not in sys.modules:
+    spec = importlib.util.spec_from_file_location("eval_ptq", os.path.join(ROOT, "eval_ptq.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["eval_ptq"] = module
+    spec.loader.exec_module(module)
+  return sys.modules["eval_ptq"]
+
+
+def _main(*argv):
+  """Runs eval_ptq's main as ``python eval_ptq.py ARGV`` would, in process."""
+  eval_ptq = _load_eval_ptq()
+  verbosity = logging.get_verbosity()
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS(["eval_ptq.py", *argv])
+  try:
+    eval_ptq.main(["eval_ptq.py"])
+  finally:
+    flags.FLAGS.unparse_flags()
+    logging.set_verbosity(verbosity)
+
+
+def test_eval_ptq_two_runs_table_json_plot_and_export(trained, tmp_path, capsys):
+  plain, ste = trained
+  out, exported = tmp_path / "report", tmp_path / "exported"
+  _main("--workdir", plain, "--workdir", ste, "--bits", "16:16,8:8,4:4,2:8",
+        "--out", str(out), "--max_examples", "100", "--export", "4:4",
+        "--export_dir", str(exported))
+  printed = capsys.readouterr().out
+  assert "| plain | none |" in printed and "| ste | ste 4:4 |" in printed
+  assert "bytes" in printed and "larger" in printed
+  data = json.load(open(out / "ptq.json"))
+  assert [r["run"] for r in data["runs"]] == ["plain", "ste"]
+  assert data["runs"][0]["step"] == 4 and data["runs"][1]["seed"] == 1
+  assert data["runs"][0]["config"]["model"] == "digits_cnn"
+  assert len(data["results"]) == 2 * 5
+  for r in data["results"]:
+    assert 0.0 <= r["accuracy"] <= 1.0 and r["count"] == 100 and r["kl"] >= 0.0
+  float_row, *rows = [r for r in data["results"] if r["run"] == "plain"]
+  assert float_row["w_bits"] is None and float_row["kl"] == 0.0
+  assert rows[0]["accuracy"] == float_row["accuracy"]  # 16:16
+  ste_rows = {(r["w_bits"], r["a_bits"]): r for r in data["results"] if r["run"] == "ste"}
+  assert ste_rows[(8, 8)]["ste_grid"] in ("own", "requantized")
+  assert ste_rows[(4, 4)]["ste_grid"] is None
+  assert all((out / f"ptq.{ext}").exists() for ext in ("md", "csv", "png"))
+
+  # One export per run; each reproduces the fake-quantized logits.
+  from l1grad import export  # pylint: disable=g-import-not-at-top
+  for name in ("plain", "ste"):
+    loaded = export.load_exported(str(exported / name))
+    assert loaded.w_bits == 4 and loaded.manifest["source"]["step"] == 4
+
+
+def test_eval_ptq_default_out_is_the_first_workdir(trained, tmp_path):
+  work = tmp_path / "run"
+  shutil.copytree(trained[0], work)
+  _main("--workdir", str(work), "--bits", "8:8", "--max_examples", "32",
+        "--act_ranges", "calibrate", "--calib_batches", "1", "--per_channel")
+  data = json.load(open(work / "ptq.json"))
+  assert data["act_ranges"] == "calibrate" and data["settings"]["per_channel"]
+  assert "calibrated min/max over 1 training batches" in open(work / "ptq.md").read()
+
+
+def _expect_user_error(capsys, *argv, match):
+  with pytest.raises(SystemExit) as exit_info:
+    _main(*argv)
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and "Traceback" not in err
+  for text in match:
+    assert text in err, err
+  return err
+
+
+def test_eval_ptq_bad_input_exits_2_with_a_message(trained, tmp_path, capsys):
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  _expect_user_error(capsys, "--workdir", str(empty), match=["No checkpoint", "train.py"])
+  _expect_user_error(capsys, "--workdir", str(tmp_path / "missing"),
+                     match=["does not exist"])
+  _expect_user_error(capsys, "--workdir", trained[0], "--bits", "8:1",
+                     match=["between 2 and 16"])
+  _expect_user_error(capsys, "--workdir", trained[0], "--bits", "8:4", "--export", "4:4",
+                     match=["--export_dir"])
+
+  corrupt = tmp_path / "corrupt"
+  shutil.copytree(trained[0], corrupt)
+  state = corrupt / "checkpoints" / "4" / "state"
+  for root, _, files in os.walk(state):
+    for f in files:
+      if not f.endswith(".txt"):
+        with open(os.path.join(root, f), "wb") as fh:
+          fh.write(b"garbage")
+  _expect_user_error(capsys, "--workdir", str(corrupt), "--bits", "8:4",
+                     match=["Could not read checkpoint"])
+
+  mismatch = tmp_path / "mismatch"
+  shutil.copytree(trained[0], mismatch)
+  config_file = mismatch / "checkpoints" / "4" / "config" / "metadata"
+  config = json.loads(config_file.read_text())
+  config["model_kwargs"]["width"] = 8
+  config_file.write_text(json.dumps(config))
+  _expect_user_error(capsys, "--workdir", str(mismatch), "--bits", "8:4",
+                     match=["does not match the model", "shape"])
+
+
+def test_eval_ptq_script_reports_errors_without_traceback(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "eval_ptq.py"), "--workdir", str(tmp_path)],
+      capture_output=True, text=True, cwd=ROOT, timeout=120, check=False)
+  assert proc.returncode == 2, proc.stderr
+  assert "No checkpoint" in proc.stderr and "Traceback" not in proc.stderr

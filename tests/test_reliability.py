@@ -1,0 +1,372 @@
+"""Reliability: kill and resume, SIGTERM, divergence, bad input, reproducibility.
+
+The subprocess tests run ``train.py`` as a user would. They all set
+``JAX_DISABLE_MOST_OPTIMIZATIONS`` (compiles ~30 % faster on CPU), and compare
+only runs made under the same setting, so "bit for bit" holds.
+"""
+
+import fcntl
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from l1grad import checkpoint
+from l1grad import config_lib
+from l1grad import train
+from l1grad.errors import CheckpointError
+from l1grad.errors import WorkdirError
+from test_train import tiny_digits
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+
+# A run long enough to be interrupted on purpose: 3 epochs × 89 steps, a
+# host sync every step (log_every_steps=1) so a signal is acted on at once.
+LONG = ("--config.model_kwargs.width=4", "--config.num_epochs=3",
+        "--config.batch_size=16", "--config.log_every_steps=1",
+        "--config.eval_every_epochs=-1", "--config.max_eval_examples=64")
+LONG_STEPS = 3 * 89
+# The source run of the init_from / other-run cases: tiny_digits(max_steps=1).
+TINY = ("--config.model_kwargs.width=4", "--config.num_epochs=2",
+        "--config.log_every_steps=1", "--config.eval_every_epochs=-1")
+
+
+def _cmd(workdir, *overrides):
+  return [sys.executable, os.path.join(ROOT, "train.py"), "--config",
+          os.path.join(ROOT, "configs", "digits.py"), "--workdir",
+          str(workdir), *overrides]
+
+
+def _run(workdir, *overrides, env=None, timeout=300):
+  return subprocess.run(_cmd(workdir, *overrides), cwd=ROOT, env=env or ENV,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def _finalized_steps(workdir):
+  """Checkpoint steps whose folder Orbax has renamed into place."""
+  directory = checkpoint.checkpoint_dir(str(workdir))
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+
+
+def _history(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def _assert_same_tree(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  """The LONG run straight through: what every interrupted run must equal."""
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  result = _run(workdir, *LONG)
+  assert result.returncode == 0, result.stderr
+  run = checkpoint.load_run(str(workdir))
+  assert run.step == LONG_STEPS
+  return run
+
+
+def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path, uninterrupted):
+  workdir = tmp_path / "killed"
+  log = open(tmp_path / "killed.log", "w")
+  proc = subprocess.Popen(_cmd(workdir, *LONG,
+                               "--config.checkpoint_every_steps=10"),
+                          cwd=ROOT, env=ENV, stdout=log, stderr=log)
+  try:
+    deadline = time.time() + 240
+    while not _finalized_steps(workdir):
+      assert proc.poll() is None, open(tmp_path / "killed.log").read()
+      assert time.time() < deadline, "no checkpoint appeared"
+      time.sleep(0.02)
+    proc.kill()
+    proc.wait(timeout=60)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+    log.close()
+  assert proc.returncode == -signal.SIGKILL, "the run ended before the kill"
+  latest = _finalized_steps(workdir)[-1]
+  assert latest < LONG_STEPS
+
+  # What a kill in the middle of a save leaves: a temporary folder holding
+  # part of a newer step. It must be ignored (and cleaned away).
+  ckpt_dir = checkpoint.checkpoint_dir(str(workdir))
+  partial = os.path.join(ckpt_dir, f"{latest + 5}.orbax-checkpoint-tmp-1")
+  os.makedirs(os.path.join(partial, "state"))
+  with open(os.path.join(partial, "state", "truncated"), "wb") as f:
+    f.write(b"\0" * 10)
+  # metrics.jsonl may hold rows past the checkpoint; they must be dropped.
+  assert checkpoint.load_run(str(workdir)).step == latest
+
+  result = _run(workdir, *LONG, "--config.checkpoint_every_steps=10")
+  assert result.returncode == 0, result.stderr
+  assert f"Resumed from step {latest}" in result.stdout
+  assert not os.path.exists(partial)
+  resumed = checkpoint.load_run(str(workdir))
+  assert resumed.step == LONG_STEPS
+  _assert_same_tree(resumed.params, uninterrupted.params)
+  _assert_same_tree(resumed.batch_stats, uninterrupted.batch_stats)
+  assert [r["step"] for r in _history(str(workdir))] == list(
+      range(1, LONG_STEPS + 1))
+
+
+def test_sigterm_saves_the_current_step_exits_0_and_resumes_exactly(
+    tmp_path, uninterrupted):
+  workdir = tmp_path / "preempted"
+  # No scheduled save before the end: the only checkpoint can come from the
+  # signal.
+  overrides = (*LONG, "--config.checkpoint_every_steps=100000")
+  proc = subprocess.Popen(_cmd(workdir, *overrides), cwd=ROOT, env=ENV,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  try:
+    for line in proc.stdout:
+      if line.startswith("step 20/"):
+        proc.send_signal(signal.SIGTERM)
+        break
+    out, err = proc.communicate(timeout=120)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == 0, err
+  assert "Traceback" not in err
+  stopped = re.search(r"Stopped by SIGTERM after step (\d+) of (\d+); saved"
+                      r" checkpoint (\d+)", out)
+  assert stopped, out[-2000:]
+  step = int(stopped.group(1))
+  assert 20 <= step < LONG_STEPS and int(stopped.group(3)) == step
+  assert _finalized_steps(workdir) == [step]
+  rows = _history(str(workdir))
+  assert rows[-1]["step"] <= step  # the stop itself adds no row
+
+  result = _run(workdir, *overrides)
+  assert result.returncode == 0, result.stderr
+  assert f"Resumed from step {step}" in result.stdout
+  resumed = checkpoint.load_run(str(workdir))
+  assert resumed.step == LONG_STEPS
+  _assert_same_tree(resumed.params, uninterrupted.params)
+  _assert_same_tree(resumed.batch_stats, uninterrupted.batch_stats)
+  assert [r["step"] for r in _history(str(workdir))] == list(
+      range(1, LONG_STEPS + 1))
+
+
+def test_divergence_stops_with_step_loss_parts_and_last_good_checkpoint(
+    tmp_path):
+  # The learning rate jumps ×1e9 after epoch 1 (a "step" schedule): the run
+  # diverges a few steps after its epoch-1 checkpoint at step 22.
+  result = _run(tmp_path, *TINY, "--config.schedule=step",
+                "--config.step_epochs=(1,)", "--config.step_factor=1e9")
+  assert result.returncode == 1, result.stderr
+  err = result.stderr
+  assert "Traceback" not in err
+  match = re.search(r"Non-finite loss or gradient at step (\d+)/44 \((.*?)\)",
+                    err)
+  assert match, err
+  assert int(match.group(1)) > 22
+  for part in ("cross_entropy=", "weight_penalty=", "act_penalty=",
+               "dq_penalty=", "penalty=", "total_loss=", "grad_norm=",
+               "learning_rate="):
+    assert part in match.group(2)
+  assert ("last good checkpoint is step 22 in"
+          f" {checkpoint.checkpoint_dir(str(tmp_path))}") in err
+  steps = _finalized_steps(tmp_path)
+  assert steps == [22]
+  mngr = checkpoint.manager(str(tmp_path), read_only=True)
+  try:
+    for step in steps:
+      state, _, history = checkpoint.restore(mngr, step, None)
+      for leaf in jax.tree.leaves(state):
+        assert np.all(np.isfinite(np.asarray(leaf, np.float64)))
+      assert all(np.isfinite(r["total_loss"]) for r in history)
+  finally:
+    mngr.close()
+  assert all(np.isfinite(r["total_loss"]) for r in _history(str(tmp_path)))
+
+
+def test_every_pending_step_is_checked_not_only_the_logged_one():
+  finite = {k: np.float32(1.0) for k in train._REPORTED + train._WATCHED}
+  bad = dict(finite, cross_entropy=np.float32(np.nan),
+             total_loss=np.float32(np.nan))
+  pending = [(4, finite), (5, bad), (6, finite), (7, finite)]
+  with pytest.raises(train.TrainingDivergedError,
+                     match=r"at step 6/9 \(cross_entropy=nan.*last good"
+                           r" checkpoint is step 3"):
+    train._check_finite(pending, 3, "/w", 9)
+  overflow = dict(finite, update_norm=np.float32(np.inf))
+  with pytest.raises(train.TrainingDivergedError, match="no checkpoint"):
+    train._check_finite([(0, overflow)], None, "/w", 9)
+  train._check_finite([(0, finite)], None, "/w", 9)
+
+
+def test_a_non_finite_state_is_never_saved():
+  state = train.TrainState(
+      step=np.int32(3), params={"w": np.ones(3, np.float32)},
+      batch_stats={"mean": np.array([0.0, np.inf], np.float32)},
+      opt_state=())
+  with pytest.raises(train.TrainingDivergedError, match="without saving step 3"):
+    train._check_state_finite(state, 3, 2, "/w")
+  train._check_state_finite(state.replace(batch_stats={}), 3, 2, "/w")
+
+
+@pytest.fixture(scope="module")
+def source_run(tmp_path_factory):
+  """A finished one-step run: an init_from source and an occupied workdir."""
+  workdir = str(tmp_path_factory.mktemp("source"))
+  train.train_and_evaluate(tiny_digits(max_steps=1), workdir)
+  return workdir
+
+
+def _bad_inputs():
+  eight = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  return [
+      ("bits", ["--config.qat.bits=1:4"], None,
+       ["config.qat.bits", "between 2 and 16"]),
+      ("bits_high", ["--config.qat.bits=8:17"], None,
+       ["config.qat.bits", "between 2 and 16"]),
+      ("weight_coef", ["--config.reg.weight_coef=-0.1"], None,
+       ["config.reg.weight_coef", "negative", ">= 0"]),
+      ("act_coef", ["--config.reg.act_coef=-2.0"], None,
+       ["config.reg.act_coef", "negative", "-1"]),
+      ("reg_kind", ["--config.reg.kind=l3"], None,
+       ["config.reg.kind", "'l3'", "none, l1, l2, dq"]),
+      ("model", ["--config.model=resnet99"], None,
+       ["config.model", "'resnet99'", "digits_cnn"]),
+      ("dataset", ["--config.dataset=mnist"], None,
+       ["config.dataset", "'mnist'", "cifar10"]),
+      ("last_epochs", ["--config.reg.kind=l1", "--config.reg.last_epochs=5",
+                       "--config.num_epochs=2"], None,
+       ["config.reg.last_epochs", "longer than the run", "num_epochs=2"]),
+      ("batch_vs_devices", ["--config.batch_size=12"], eight,
+       ["config.batch_size", "(12)", "8 device(s)", "divisible by 8"]),
+      ("init_from_missing", ["--config.init_from={tmp}/nowhere"], None,
+       ["config.init_from", "does not exist", "--workdir of a finished"]),
+      ("init_from_empty", ["--config.init_from={empty}"], None,
+       ["config.init_from: ", "holds no complete checkpoint",
+        "Re-run the training command"]),
+      ("init_from_other_model", ["--config.init_from={source}", *TINY[1:],
+                                 "--config.model_kwargs.width=8"], None,
+       ["do not match", "model_kwargs {{'width': 4}}", "params/",
+        "(4,) float32 there and (8,) float32 here", "--config.model_kwargs"]),
+      ("workdir_of_another_run", ["--workdir={source}", *TINY,
+                                  "--config.seed=1"], None,
+       ["holds a run of a different config", "seed: checkpoint 0, now 1",
+        "new --workdir"]),
+      ("unknown_field", ["--config.foo=1"], None,
+       ["--config.foo", "no such field", "configs/default.py"]),
+      ("typo_field", ["--config.reg.kindd=l1"], None,
+       ["--config.reg.kindd", 'Did you mean "kind"']),
+      ("bad_value", ["--config.batch_size=abc"], None,
+       ["--config.batch_size=abc", "--helpshort"]),
+      ("missing_cifar", ["--config.dataset=cifar10", "--config.model=tiny_vgg",
+                         "--config.data_dir={empty_data}"], None,
+       ["'cifar10'", "not prepared", "tfds build cifar10"
+        " --file_format=array_record --data_dir={empty_data}"]),
+  ]
+
+
+@pytest.mark.parametrize("name,overrides,env,expected", _bad_inputs(),
+                         ids=[c[0] for c in _bad_inputs()])
+def test_bad_input_is_one_paragraph_exit_2_before_compiling(
+    tmp_path, source_run, name, overrides, env, expected):
+  del name
+  empty = tmp_path / "empty"
+  os.makedirs(empty / "checkpoints")
+  empty_data = tmp_path / "tfds"
+  os.makedirs(empty_data)
+  paths = {"tmp": tmp_path, "empty": empty, "source": source_run,
+           "empty_data": empty_data}
+  overrides = [o.format(**paths) for o in overrides]
+  workdir = tmp_path / "run"
+  if any(o.startswith("--workdir=") for o in overrides):
+    workdir = next(o.split("=", 1)[1] for o in overrides
+                   if o.startswith("--workdir="))
+    overrides = [o for o in overrides if not o.startswith("--workdir=")]
+  result = _run(workdir, *overrides, env=dict(ENV, **(env or {})))
+  err = result.stderr
+  assert result.returncode == 2, err
+  assert "Traceback" not in err
+  assert "error: " in err, err
+  # Only library log lines (absl format, e.g. tfds noting an empty folder)
+  # may come before the error paragraph.
+  before, message = err[:err.index("error: ")], err[err.index("error: "):]
+  assert all(re.match(r"[IWEF]\d{4} ", line)
+             for line in before.splitlines()), err
+  for text in expected:
+    assert text.format(**paths) in message, err
+  assert "Training " not in result.stdout  # stopped before the loop
+  assert not _finalized_steps(tmp_path / "run")
+
+
+def test_a_second_trainer_in_the_same_workdir_is_refused(tmp_path):
+  workdir = str(tmp_path)
+  with open(os.path.join(workdir, ".lock"), "w") as held:
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    held.write("12345")
+    held.flush()
+    with pytest.raises(WorkdirError, match=r"pid 12345\) is running"):
+      train.train_and_evaluate(tiny_digits(max_steps=1), workdir)
+
+
+def test_digits_needs_no_data_dir(tmp_path):
+  # The embedded default ignores data_dir, even one that does not exist.
+  config = tiny_digits(max_steps=1, data_dir=str(tmp_path / "missing"))
+  assert int(train.train_and_evaluate(config, str(tmp_path / "w")).step) == 1
+
+
+def test_two_identical_runs_agree_exactly_and_store_their_settings(tmp_path):
+  config = tiny_digits(max_steps=24, eval_every_epochs=1, seed=7,
+                       **{"reg.kind": "l1", "reg.weight_coef": 0.01,
+                          "reg.last_epochs": 1})
+  handler = signal.getsignal(signal.SIGTERM)
+  a = train.train_and_evaluate(config, str(tmp_path / "a"))
+  b = train.train_and_evaluate(config, str(tmp_path / "b"))
+  assert signal.getsignal(signal.SIGTERM) is handler  # restored after the run
+  _assert_same_tree(a.params, b.params)
+  _assert_same_tree(a.opt_state, b.opt_state)
+  rows_a, rows_b = _history(str(tmp_path / "a")), _history(str(tmp_path / "b"))
+  assert len(rows_a) == 24 and "test_accuracy" in rows_a[21]
+  for ra, rb in zip(rows_a, rows_b):
+    ra.pop("images_per_sec"), rb.pop("images_per_sec")
+    assert ra == rb
+
+  run = checkpoint.load_run(str(tmp_path / "a"))
+  assert run.step == 24 and run.config.seed == 7
+  assert run.config.to_dict() == json.loads(json.dumps(config.to_dict()))
+  _assert_same_tree(run.params, a.params)
+  mngr = checkpoint.manager(str(tmp_path / "a"), read_only=True)
+  try:
+    for step in mngr.all_steps():  # every step carries the whole config
+      assert checkpoint.stored_config(mngr, step).to_dict() == run.config.to_dict()
+  finally:
+    mngr.close()
+  config_lib.check_same_run(config, run.config, str(tmp_path / "a"))
+
+
+def test_a_half_copied_step_names_itself_and_the_previous_one_still_loads(
+    tmp_path):
+  workdir = str(tmp_path)
+  train.train_and_evaluate(tiny_digits(max_steps=3, checkpoint_every_steps=2),
+                           workdir)
+  assert _finalized_steps(workdir) == [2, 3]
+  step3 = os.path.join(checkpoint.checkpoint_dir(workdir), "3")
+  shutil.rmtree(os.path.join(step3, "state"))  # as if copied half-way
+  with pytest.raises(CheckpointError, match=r"(?s)step 3 .*delete that step's"
+                                            r" folder"):
+    checkpoint.load_run(workdir)
+  shutil.rmtree(step3)
+  assert checkpoint.load_run(workdir).step == 2
