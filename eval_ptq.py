@@ -2,10 +2,15 @@ r"""Post-training quantization of trained runs: the paper's table at every bit-w
 
   python eval_ptq.py --workdir runs/digits [--workdir runs/digits_l1 ...] \
       [--bits 8:4,6:4,4:4] [--act_ranges bn|calibrate] [--per_channel] \
+      [--group_by run|method|reg.kind,reg.weight_coef] \
       [--export 4:4 --export_dir exported/digits_w4a4]
 
 Writes ptq.json, ptq.md, ptq.csv and ptq.png into --out (default: the first
---workdir) and prints the table. The logic is in l1grad.ptq and l1grad.export.
+--workdir) and prints the table. With --group_by method (or config fields),
+runs that differ only in their seed share a row: mean ± std over them, and the
+plot draws the spread as a band. A run whose float accuracy is near chance is
+flagged "collapsed" in every table. The logic is in l1grad.ptq and
+l1grad.export.
 """
 
 import os
@@ -37,6 +42,12 @@ _FOLD = flags.DEFINE_bool(
     "Fold batch norm into the preceding kernels before quantizing, as an"
     " integer deployment does; --nofold quantizes the unfolded kernels and keeps"
     " batch norm in float.")
+_GROUP_BY = flags.DEFINE_string(
+    "group_by", "run",
+    "Table rows: 'run' (one per --workdir), 'method' (one per method label,"
+    " e.g. 'l1 λ=0.05', mean ± std over its runs) or comma-separated config"
+    " fields, e.g. 'reg.kind,reg.weight_coef' (runs differing only in other"
+    " fields, such as the seed, are pooled).")
 _OUT = flags.DEFINE_string("out", None, "Report directory (default: the first --workdir).")
 _CALIB_BATCHES = flags.DEFINE_integer(
     "calib_batches", 8, "Training batches for --act_ranges calibrate.")
@@ -69,13 +80,15 @@ def _run() -> None:
   if not _WORKDIR.value:
     raise ConfigError("Pass at least one --workdir (a directory train.py wrote).")
   settings = _settings()
+  group_by = ptq.parse_group_by(_GROUP_BY.value)
   export_pair = None
   if _EXPORT.value:
     export_pair = bits.parse_pair(_EXPORT.value)
     if not _EXPORT_DIR.value:
       raise ConfigError("--export needs --export_dir, the folder to write the integer model to.")
   report = ptq.evaluate(_WORKDIR.value, settings, out_dir=_OUT.value,
-                        progress=lambda line: print(line, flush=True))
+                        progress=lambda line: print(line, flush=True),
+                        group_by=group_by)
   print()
   print(report.markdown)
   print("Wrote " + ", ".join(report.files[k] for k in sorted(report.files)))

@@ -97,8 +97,10 @@ __all__ = [
     "kl_divergence",
     "loss_at",
     "main",
+    "markdown",
     "noise_histogram",
     "pearson",
+    "plot_all",
     "quantization_noise",
     "spearman",
     "split_weights",
@@ -411,7 +413,7 @@ def expansion_terms(
 
 
 def gradient_norms(grad: Mapping[str, PyTree]) -> dict[str, jax.Array]:
-  """‖∇_W L‖₁, ‖∇_W L‖₂, ‖∇_A L‖₁, ‖∇_A L‖₂ of a ``{"weights", "acts"}`` gradient.
+  """‖∇_W L‖₁, ‖∇_W L‖₂, ‖∇_A L‖₁, ‖∇_A L‖₂ of a ``{"weights", "acts"}`` tree.
 
   The names are those of the training log (``weight_grad_l1``, …); with a
   mean loss, ‖∇_A L‖₁ is the mean over examples of per-example norms.
@@ -478,18 +480,8 @@ def weight_noise(
   return quantized, delta, step
 
 
-def activation_step(bits: ArrayLike, low: ArrayLike, high: ArrayLike) -> jax.Array:
-  """Bin width Δ of :func:`l1grad.perturb.quantize_activation` for a range.
-
-  Unsigned grid ``high / (2^b − 1)`` when ``low >= 0``, else the signed grid
-  ``max(|low|, |high|) / (2^(b−1) − 1)``.
-  """
-  # Same formula as perturb.quantize_activation (which does not expose it).
-  low = jnp.asarray(low, jnp.float32)
-  high = jnp.asarray(high, jnp.float32)
-  unsigned = jnp.maximum(high, 0.0) / quant.grid_max(bits, signed=False)
-  signed = jnp.maximum(jnp.abs(low), jnp.abs(high)) / quant.grid_max(bits, signed=True)
-  return jnp.where(low >= 0, unsigned, signed)
+# Bin width Δ of an activation for a range (the quantizer's own formula).
+activation_step = perturb.activation_scale
 
 
 def quantization_noise(
@@ -808,24 +800,33 @@ def _json_float(x: Any) -> float | None:
   return x if math.isfinite(x) else None
 
 
-def _summarize_kind(rows: Mapping[str, list[float]], count: float) -> dict[str, Any]:
-  """Means over batches, correlations with the induced loss, errors."""
+def _summarize_kind(rows: Mapping[str, list[float]], counts: Sequence[float]
+                    ) -> dict[str, Any]:
+  """Means over batches, correlations with the induced loss, errors.
+
+  Means are weighted by each batch's example count (a padded last batch
+  counts for its real examples), so they are means over examples, like
+  ``ptq.json``'s KL; correlations treat every batch as one point.
+  """
+  counts = np.asarray(counts, np.float64)
+  weights = counts / max(float(np.sum(counts)), 1.0)
+  mean = lambda v: float(np.sum(weights * np.asarray(v, np.float64)))
   induced = np.asarray(rows["induced"], np.float64)
-  mean_abs = float(np.mean(np.abs(induced)))
+  mean_abs = mean(np.abs(induced))
   out: dict[str, Any] = {}
   for name in ("induced", "first_order", "second_order", "curvature", "bound", "kl"):
-    out[f"{name}_mean"] = _json_float(np.mean(rows[name]))
+    out[f"{name}_mean"] = _json_float(mean(rows[name]))
   for name in ("first_order", "second_order", "bound"):
     out[f"r_{name}"] = _json_float(pearson(induced, rows[name]))
     out[f"rho_{name}"] = _json_float(spearman(induced, rows[name]))
   for name in ("first_order", "second_order"):
-    err = float(np.mean(np.abs(np.asarray(rows[name]) - induced)))
+    err = mean(np.abs(np.asarray(rows[name]) - induced))
     # Mean absolute error relative to the mean |induced loss|: 0 is exact,
     # 1 is as bad as predicting 0.
     out[f"rel_err_{name}"] = _json_float(err / mean_abs) if mean_abs > 0 else None
-  out["bound_over_induced"] = (_json_float(np.mean(rows["bound"]) / mean_abs)
+  out["bound_over_induced"] = (_json_float(mean(rows["bound"]) / mean_abs)
                                if mean_abs > 0 else None)
-  out["accuracy"] = _json_float(np.sum(rows["correct"]) / max(count, 1.0))
+  out["accuracy"] = _json_float(np.sum(rows["correct"]) / max(float(np.sum(counts)), 1.0))
   out["reconstruction_error"] = _json_float(np.max(np.abs(
       np.asarray(rows["quantized_loss"]) - np.asarray(rows["perturbed_loss"]))))
   return out
@@ -1000,7 +1001,7 @@ def analyze_run(
     for kind in KINDS:
       r = rows[case(pair, kind)]
       kinds[kind] = {
-          "summary": _summarize_kind(r, count),
+          "summary": _summarize_kind(r, per_batch["count"]),
           "per_batch": {k: [_json_float(v) for v in vs] for k, vs in r.items()},
       }
     both = kinds["both"]["summary"]
@@ -1136,7 +1137,8 @@ def markdown(report: Mapping[str, Any]) -> str:
            f" activation ranges {conv['activation_ranges']}.", "",
            "Per batch: induced = L(quantized) − L(float); 1st = ⟨δ, ∇L⟩;"
            " 2nd = 1st + ½δᵀHδ; bound = Σ(Δ/2)|∇L|. Columns are means over"
-           " batches; r = Pearson correlation with the induced loss over batches,"
+           " batches weighted by their example counts; r = Pearson correlation"
+           " with the induced loss over batches,"
            " ρ = Spearman (rank) correlation; err = mean |prediction − induced| /"
            " mean |induced| (1 is no better than predicting 0).", ""]
   for run in report["runs"]:
@@ -1145,10 +1147,11 @@ def markdown(report: Mapping[str, Any]) -> str:
         f"## {run['run']} ({run['method']}, step {run['step']})", "",
         f"{run['num_examples']} {run['split']} examples in {run['num_batches']} batches"
         f" of {run['batch_size']}; float accuracy {100 * run['float_accuracy']:.2f} %;"
-        f" mean loss {np.mean(pb['loss']):.4g}.",
+        f" mean loss {np.average(pb['loss'], weights=pb['count']):.4g}.",
         f"Gradient norms (mean over batches): ‖∇W‖₁ {np.mean(pb['weight_grad_l1']):.4g},"
         f" ‖∇W‖₂ {np.mean(pb['weight_grad_l2']):.4g} ({run['num_weights']} weights),"
-        f" ‖∇A‖₁ {np.mean(pb['act_grad_l1']):.4g}, ‖∇A‖₂ {np.mean(pb['act_grad_l2']):.4g}.",
+        f" ‖∇A‖₁ {np.mean(pb['act_grad_l1']):.4g},"
+        f" ‖∇A‖₂ {np.mean(pb['act_grad_l2']):.4g}.",
         "",
         "| (W,A) | kind | acc % | KL | induced | 1st | 2nd | bound | r 1st | r 2nd |"
         " r bound | ρ 1st | ρ 2nd | err 1st | err 2nd |",
@@ -1165,7 +1168,8 @@ def markdown(report: Mapping[str, Any]) -> str:
             f" {_fmt(s['bound_mean'], '.3g')} | {_fmt(s['r_first_order'], '.2f')} |"
             f" {_fmt(s['r_second_order'], '.2f')} | {_fmt(s['r_bound'], '.2f')} |"
             f" {_fmt(s['rho_first_order'], '.2f')} | {_fmt(s['rho_second_order'], '.2f')} |"
-            f" {_fmt(s['rel_err_first_order'], '.2f')} | {_fmt(s['rel_err_second_order'], '.2f')} |")
+            f" {_fmt(s['rel_err_first_order'], '.2f')} |"
+            f" {_fmt(s['rel_err_second_order'], '.2f')} |")
     lines += ["", "Noise δ/Δ per tensor, first pair (std of a uniform [−½,½]: 0.289):", "",
               "| tensor | std | zero fraction | clipped fraction |", "|---|---:|---:|---:|"]
     for entry in run["pairs"][:1]:

@@ -177,6 +177,22 @@ def perturbed(eps: Mapping[str, ArrayLike]) -> Iterator[None]:
     yield
 
 
+def activation_scale(bits: ArrayLike, low: ArrayLike, high: ArrayLike) -> jax.Array:
+  """Bin width Δ of an activation whose range is ``[low, high]``.
+
+  A non-negative range (``low >= 0``, e.g. after a ReLU) uses the unsigned
+  grid ``[0, 2^b - 1]`` with Δ = ``high / (2^b - 1)``; otherwise the signed
+  grid with Δ = ``max(|low|, |high|) / (2^(b-1) - 1)``. Chosen with
+  ``jnp.where``, so ranges and bits may be traced values.
+  """
+  low = jnp.asarray(low, jnp.float32)
+  high = jnp.asarray(high, jnp.float32)
+  unsigned = jnp.maximum(high, 0.0) / quant.grid_max(bits, signed=False)
+  signed = jnp.maximum(jnp.abs(low), jnp.abs(high)) / quant.grid_max(
+      bits, signed=True)
+  return jnp.where(low >= 0, unsigned, signed)
+
+
 def quantize_activation(
     x: ArrayLike,
     bits: ArrayLike,
@@ -187,10 +203,8 @@ def quantize_activation(
 ) -> jax.Array:
   """Fake-quantizes an activation whose range is ``[low, high]``.
 
-  A non-negative range (``low >= 0``, e.g. after a ReLU) uses the unsigned
-  grid ``[0, 2^b - 1]`` with scale ``high / (2^b - 1)``; otherwise the signed
-  grid with scale ``max(|low|, |high|) / (2^(b-1) - 1)``. The choice is made
-  with ``jnp.where``, so ranges and bits may be traced values.
+  The grid (unsigned for a non-negative range) and its bin width are those of
+  :func:`activation_scale`.
 
   Args:
     x: the activation.
@@ -203,17 +217,12 @@ def quantize_activation(
     The fake-quantized activation, same shape and dtype as ``x``.
   """
   x = jnp.asarray(x)
-  low = jnp.asarray(low, jnp.float32)
-  high = jnp.asarray(high, jnp.float32)
-  unsigned_scale = jnp.maximum(high, 0.0) / quant.grid_max(bits, signed=False)
-  signed_scale = jnp.maximum(jnp.abs(low), jnp.abs(high)) / quant.grid_max(
-      bits, signed=True
-  )
+  scale = activation_scale(bits, low, high)
   xf = x.astype(jnp.float32)
   q = jnp.where(
-      low >= 0,
-      quant.fake_quant(xf, bits, unsigned_scale, signed=False, ste=ste),
-      quant.fake_quant(xf, bits, signed_scale, signed=True, ste=ste),
+      jnp.asarray(low) >= 0,
+      quant.fake_quant(xf, bits, scale, signed=False, ste=ste),
+      quant.fake_quant(xf, bits, scale, signed=True, ste=ste),
   )
   return q.astype(x.dtype)
 

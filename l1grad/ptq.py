@@ -59,6 +59,7 @@ from l1grad import quant
 
 __all__ = [
     "ACT_RANGE_METHODS",
+    "COLLAPSE_FACTOR",
     "DEFAULT_BITS",
     "EVAL_KWARGS",
     "Evaluator",
@@ -78,9 +79,11 @@ __all__ = [
     "eval_batch_size",
     "evaluate",
     "evaluate_prepared",
+    "is_collapsed",
     "kernel_scale",
     "markdown_table",
     "method_label",
+    "parse_group_by",
     "plot_results",
     "prepare_run",
     "prepare_variables",
@@ -111,6 +114,11 @@ EVAL_KWARGS: Mapping[str, Any] = {"train": False}
 DFQ_NUM_STD = 6.0
 # Marks a table cell where an STE run's own training grid beat re-quantizing.
 OWN_GRID_MARK = "†"
+# A run whose float accuracy is at most this multiple of chance (1/classes) is
+# flagged as collapsed: a (nearly) constant predictor, e.g. a too-large λ
+# (DESIGN.md §1). Flagged in every table, never dropped from a mean.
+COLLAPSE_FACTOR = 2.0
+COLLAPSE_MARK = "collapsed"
 JSON_FORMAT = "l1grad.ptq/1"
 
 
@@ -119,41 +127,9 @@ JSON_FORMAT = "l1grad.ptq/1"
 # ---------------------------------------------------------------------------
 
 
-def quantize_params(
-    params: PyTree, bits: ArrayLike, *, per_channel: bool = False, ste: bool = False
-) -> PyTree:
-  """Fake-quantizes every ``kernel`` leaf of ``params``; other leaves unchanged.
-
-  Symmetric signed grid, scale ``max|W| / (2^(b-1) - 1)`` per tensor, or per
-  output channel (the kernel's last axis, for Conv and Dense alike). Biases
-  and batch-norm parameters stay in float: an integer kernel accumulates in
-  int32 and adds a float/int32 bias.
-
-  Args:
-    params: A params tree (plain, or the ``params`` of folded variables).
-    bits: Weight bit-width; may be traced (one compile serves a sweep).
-    per_channel: One scale per output channel instead of per tensor.
-    ste: Straight-through gradient (quantization-aware training). The scale
-      is then held fixed (``stop_gradient``): a fixed grid, as the paper's STE.
-
-  Returns:
-    The params tree with quantized kernels.
-  """
-
-  def quantize(path: tuple[Any, ...], leaf: jax.Array) -> jax.Array:
-    if not penalty.is_kernel_path(path):
-      return leaf
-    scale = kernel_scale(leaf, bits, per_channel=per_channel)
-    if ste:
-      scale = jax.lax.stop_gradient(scale)
-    return quant.fake_quant(leaf, bits, scale, signed=True, ste=ste)
-
-  return jax.tree_util.tree_map_with_path(quantize, params)
-
-
-def kernel_scale(kernel: ArrayLike, bits: ArrayLike, *, per_channel: bool) -> jax.Array:
-  """The weight scale :func:`quantize_params` uses (also used by the export)."""
-  return quant.symmetric_scale(kernel, bits, signed=True, axis=-1 if per_channel else None)
+# The weight quantizer lives in l1grad.quant (training's STE uses it too).
+quantize_params = quant.quantize_kernels
+kernel_scale = quant.kernel_scale
 
 
 def quantize_variables(
@@ -852,6 +828,18 @@ def _result(run: str, method: str, seed: Any, step: int, pair: Pair | None,
   }
 
 
+def is_collapsed(float_accuracy: float, num_classes: int | None) -> bool:
+  """Whether a float accuracy is near chance (≤ ``COLLAPSE_FACTOR``/classes).
+
+  A network that predicts (nearly) one class has zero gradient and stays
+  there: the signature of a too-large penalty. ``num_classes`` None (unknown)
+  never flags.
+  """
+  if not num_classes:
+    return False
+  return float_accuracy <= COLLAPSE_FACTOR / num_classes
+
+
 def config_json(config: Any) -> Any:
   """A config as plain JSON data (ConfigDict or mapping)."""
   if hasattr(config, "to_json_best_effort"):
@@ -912,6 +900,11 @@ def evaluate_prepared(
                             "accuracy": req_s.accuracy, "kl": req_s.kl},
         }
     results.append(entry)
+  num_classes = _get(prepared.model, "num_classes", None)
+  chance = 1.0 / num_classes if num_classes else None
+  collapsed = is_collapsed(float_stats.accuracy, num_classes)
+  for entry in results:
+    entry["collapsed"] = collapsed
   info = {
       "run": prepared.label,
       "workdir": os.path.abspath(prepared.workdir),
@@ -923,6 +916,8 @@ def evaluate_prepared(
       "dataset": _get(prepared.config, "dataset", None),
       "num_examples": float_stats.count,
       "float_accuracy": float_stats.accuracy,
+      "chance_accuracy": chance,
+      "collapsed": collapsed,
       "act_ranges": prepared.act_ranges,
       "activation_ranges": {k: [lo, hi] for k, (lo, hi) in prepared.ranges.items()},
       "folded_layers": (["/".join(p) for p in prepared.eval_variables.pairs]
@@ -937,23 +932,83 @@ def evaluate_prepared(
 # ---------------------------------------------------------------------------
 
 GROUP_BY = ("run", "method")
+GroupBy = str | tuple[str, ...]
+
+
+def parse_group_by(spec: str | Sequence[str]) -> GroupBy:
+  """``"run"``, ``"method"``, or config fields (``"reg.kind,reg.weight_coef"``).
+
+  Args:
+    spec: A keyword, a comma-separated list of dotted config fields, or a
+      sequence of such fields.
+
+  Returns:
+    The keyword, or a tuple of dotted field names.
+
+  Raises:
+    errors.ConfigError: an empty spec or an empty field name.
+  """
+  if isinstance(spec, str):
+    if spec in GROUP_BY:
+      return spec
+    fields = tuple(f.strip() for f in spec.split(","))
+  else:
+    fields = tuple(str(f).strip() for f in spec)
+  if not fields or any(not f for f in fields):
+    raise errors.ConfigError(
+        f"--group_by must be 'run', 'method' or comma-separated config fields"
+        f" (e.g. reg.kind,reg.weight_coef), got {spec!r}.")
+  return fields
+
+
+def _config_field(config: Any, field: str, run: str) -> Any:
+  node = config
+  for part in field.split("."):
+    if not isinstance(node, Mapping) or part not in node:
+      raise errors.ConfigError(
+          f"--group_by field {field!r}: run {run!r} has no such config field"
+          " (see configs/default.py for the fields).")
+    node = node[part]
+  return node
+
+
+def _group_labels(result: Mapping[str, Any], group_by: GroupBy,
+                  configs: Mapping[str, Any]) -> dict[str, str]:
+  if group_by == "run":
+    return {"run": str(result["run"]), "method": str(result["method"])}
+  if group_by == "method":
+    return {"method": str(result["method"])}
+  if result["run"] not in configs:
+    raise errors.ConfigError(
+        f"Grouping by config fields needs the runs' configs; run {result['run']!r}"
+        " has none (pass runs=..., the ptq.json 'runs' list).")
+  config = configs[result["run"]]
+  labels = {}
+  for field in group_by:
+    value = _config_field(config, field, result["run"])
+    labels[field] = f"{value:g}" if isinstance(value, float) else str(value)
+  return labels
 
 
 class TableRow(NamedTuple):
   """One table row: its labels and, per column, the values it summarizes.
 
   Attributes:
-    labels: ``{"run": ..., "method": ...}`` (only ``method`` when grouped by
-      method).
+    labels: ``{"run": ..., "method": ...}``; only ``method`` when grouped by
+      method; ``{field: value}`` when grouped by config fields.
     cells: ``{column: [accuracy, ...]}``: one value per run in the group.
     own_grid: Columns where an STE run kept its own grid.
     kl: ``{column: [kl, ...]}``.
+    runs: The runs in the group, in first-seen order.
+    collapsed: The runs in the group whose float accuracy is near chance.
   """
 
   labels: dict[str, str]
   cells: dict[str, list[float]]
   own_grid: set[str]
   kl: dict[str, list[float]]
+  runs: list[str]
+  collapsed: list[str]
 
 
 def column_name(w_bits: int | None, a_bits: int | None) -> str:
@@ -962,36 +1017,49 @@ def column_name(w_bits: int | None, a_bits: int | None) -> str:
 
 
 def summarize(
-    results: Sequence[Mapping[str, Any]], *, group_by: str = "run"
+    results: Sequence[Mapping[str, Any]], *, group_by: str | Sequence[str] = "run",
+    runs: Sequence[Mapping[str, Any]] = (),
 ) -> tuple[list[str], list[TableRow]]:
   """Groups result entries into table rows, one column per bit-width.
 
   Args:
     results: Entries of ``ptq.json``'s ``results`` list.
     group_by: ``"run"``: one row per run (and its method); ``"method"``: one
-      row per method, each cell holding the values of all its runs (seeds),
-      shown as mean ± std.
+      row per method label (:func:`method_label`), each cell holding the
+      values of all its runs (seeds), shown as mean ± std; config fields
+      (``"reg.kind,reg.weight_coef"`` or a sequence): one row per distinct
+      value of those fields. Runs differing in a field not named are pooled
+      (e.g. an STE run has ``reg.kind == "none"``), so name enough fields.
+    runs: ``ptq.json``'s ``runs`` list (each with ``run`` and ``config``);
+      needed only to group by config fields.
 
   Returns:
     ``(columns, rows)``: columns in first-seen order (FP first), rows in
     first-seen order.
+
+  Raises:
+    errors.ConfigError: an unknown keyword or config field.
   """
-  if group_by not in GROUP_BY:
-    raise errors.ConfigError(f"group_by must be one of {GROUP_BY}, got {group_by!r}.")
+  group_by = parse_group_by(group_by)
+  configs = {r["run"]: r.get("config") for r in runs if r.get("config") is not None}
   columns: list[str] = []
   rows: dict[tuple[str, ...], TableRow] = {}
   for r in results:
     col = column_name(r["w_bits"], r["a_bits"])
     if col not in columns:
       columns.append(col)
-    key = (r["run"], r["method"]) if group_by == "run" else (r["method"],)
+    labels = _group_labels(r, group_by, configs)
+    key = tuple(labels.values())
     if key not in rows:
-      labels = dict(zip(("run", "method") if group_by == "run" else ("method",), key))
       rows[key] = TableRow(labels, collections.defaultdict(list), set(),
-                           collections.defaultdict(list))
+                           collections.defaultdict(list), [], [])
     row = rows[key]
     row.cells[col].append(float(r["accuracy"]))
     row.kl[col].append(float(r["kl"]))
+    if r["run"] not in row.runs:
+      row.runs.append(r["run"])
+      if r.get("collapsed"):
+        row.collapsed.append(r["run"])
     if r.get("ste_grid") == "own":
       row.own_grid.add(col)
   if "FP" in columns:
@@ -1009,22 +1077,42 @@ def _format_cell(values: Sequence[float], scale: float = 100.0, digits: int = 2)
   return f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}"
 
 
-def markdown_table(results: Sequence[Mapping[str, Any]], *, group_by: str = "run",
-                   metric: str = "accuracy") -> str:
-  """The paper's Table 1 layout: a row per run (or method), a column per (W,A).
+def _row_label(row: TableRow, label: str, grouped: bool) -> str:
+  """``label``, marked when runs of the row collapsed (float ≈ chance)."""
+  if not row.collapsed:
+    return label
+  if not grouped or len(row.runs) == 1:
+    return f"{label} ({COLLAPSE_MARK})"
+  return f"{label} ({len(row.collapsed)}/{len(row.runs)} {COLLAPSE_MARK})"
+
+
+def markdown_table(results: Sequence[Mapping[str, Any]], *,
+                   group_by: str | Sequence[str] = "run",
+                   metric: str = "accuracy",
+                   runs: Sequence[Mapping[str, Any]] = ()) -> str:
+  """The paper's Table 1 layout: a row per run (or group), a column per (W,A).
+
+  Grouped cells are mean ± sample standard deviation over the group's runs
+  (an ``n`` column gives the group sizes). A row holding collapsed runs (float
+  accuracy near chance, :func:`is_collapsed`) is marked ``(collapsed)`` or
+  ``(k/n collapsed)`` and stays in the table and in the means.
 
   Args:
     results: Entries of ``ptq.json``'s ``results`` list.
     group_by: See :func:`summarize`.
     metric: ``"accuracy"`` (top-1 %) or ``"kl"`` (mean KL, nats).
+    runs: ``ptq.json``'s ``runs`` (needed to group by config fields).
 
   Returns:
     A Markdown table; cells where an STE run kept its own grid end in ``†``.
   """
-  columns, rows = summarize(results, group_by=group_by)
+  group_by = parse_group_by(group_by)
+  grouped = group_by != "run"
+  columns, rows = summarize(results, group_by=group_by, runs=runs)
   label_names = list(rows[0].labels) if rows else ["run", "method"]
-  lines = ["| " + " | ".join(label_names + columns) + " |",
-           "|" + "---|" * len(label_names) + "---:|" * len(columns)]
+  size_col = ["n"] if grouped else []
+  lines = ["| " + " | ".join(label_names + size_col + columns) + " |",
+           "|" + "---|" * len(label_names) + "---:|" * (len(size_col) + len(columns))]
   for row in rows:
     cells = []
     for col in columns:
@@ -1035,12 +1123,15 @@ def markdown_table(results: Sequence[Mapping[str, Any]], *, group_by: str = "run
       if col in row.own_grid and text != "–":
         text += OWN_GRID_MARK
       cells.append(text)
-    lines.append("| " + " | ".join([row.labels[n] for n in label_names] + cells) + " |")
+    labels = [row.labels[n] for n in label_names]
+    labels[-1] = _row_label(row, labels[-1], grouped)
+    size = [str(len(row.runs))] if grouped else []
+    lines.append("| " + " | ".join(labels + size + cells) + " |")
   return "\n".join(lines) + "\n"
 
 
 CSV_FIELDS = ("run", "method", "seed", "step", "w_bits", "a_bits", "accuracy", "kl",
-              "correct", "count", "ste_grid")
+              "correct", "count", "ste_grid", "collapsed")
 
 
 def results_csv(results: Sequence[Mapping[str, Any]]) -> str:
@@ -1054,30 +1145,38 @@ def results_csv(results: Sequence[Mapping[str, Any]]) -> str:
   return buf.getvalue()
 
 
-def plot_results(results: Sequence[Mapping[str, Any]], path: str, *, group_by: str = "run",
-                 title: str = "Post-training quantization") -> None:
-  """Accuracy vs bit-width, one line per run (or method, with std bars)."""
+def plot_results(results: Sequence[Mapping[str, Any]], path: str, *,
+                 group_by: str | Sequence[str] = "run",
+                 title: str = "Post-training quantization",
+                 runs: Sequence[Mapping[str, Any]] = ()) -> None:
+  """Accuracy vs bit-width: a line per run, or per group with a ±std band."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-  columns, rows = summarize(results, group_by=group_by)
-  fig, ax = plt.subplots(figsize=(max(5.0, 0.8 * len(columns) + 2.5), 4.0))
+  group_by = parse_group_by(group_by)
+  grouped = group_by != "run"
+  columns, rows = summarize(results, group_by=group_by, runs=runs)
+  fig, ax = plt.subplots(figsize=(max(6.0, 0.8 * len(columns) + 3.5), 4.5))
   x = np.arange(len(columns))
   for row in rows:
-    means = np.array([np.mean(row.cells[c]) * 100 if row.cells.get(c) else np.nan for c in columns])
-    stds = np.array([np.std(row.cells[c], ddof=1) * 100 if len(row.cells.get(c, [])) > 1 else 0.0
-                     for c in columns])
-    label = " · ".join(row.labels.values())
-    ax.errorbar(x, means, yerr=stds if np.any(stds) else None, marker="o", label=label,
-                capsize=3)
+    values = [np.asarray(row.cells.get(c, []), np.float64) * 100 for c in columns]
+    means = np.array([v.mean() if v.size else np.nan for v in values])
+    stds = np.array([v.std(ddof=1) if v.size > 1 else 0.0 for v in values])
+    label = _row_label(row, " · ".join(row.labels.values()), grouped)
+    if grouped and len(row.runs) > 1:
+      label += f" (n={len(row.runs)})"
+    line, = ax.plot(x, means, marker="o", label=label)
+    if np.any(stds):
+      ax.fill_between(x, means - stds, means + stds, color=line.get_color(), alpha=0.2,
+                      linewidth=0)
   ax.set_xticks(x)
   ax.set_xticklabels(columns)
   ax.set_xlabel("(weight bits, activation bits)")
-  ax.set_ylabel("top-1 accuracy (%)")
+  ax.set_ylabel("top-1 accuracy (%)" + (" — mean ± std band" if grouped else ""))
   ax.set_title(title)
   ax.grid(alpha=0.3)
-  ax.legend(fontsize="small")
+  ax.legend(fontsize="small", loc="lower left")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
@@ -1093,6 +1192,8 @@ class Report:
     results: Per-run, per-pair entries (``ptq.json``'s ``results``).
     files: ``{"json"|"md"|"csv"|"png": path}`` written, if any.
     prepared: The prepared runs (not serialized), e.g. for an export.
+    group_by: How the tables and the plot group runs (:func:`summarize`):
+      ``"run"``, ``"method"`` or a tuple of config fields.
   """
 
   settings: Settings
@@ -1100,15 +1201,26 @@ class Report:
   results: list[dict[str, Any]]
   files: dict[str, str] = dataclasses.field(default_factory=dict)
   prepared: list[PreparedRun] = dataclasses.field(default_factory=list, repr=False)
+  group_by: GroupBy = "run"
+
+  def __post_init__(self):
+    self.group_by = parse_group_by(self.group_by)
 
   def to_json(self) -> dict[str, Any]:
     return {
         "format": JSON_FORMAT,
         "settings": self.settings.to_json(),
         "act_ranges": self.settings.act_ranges,
+        "group_by": (self.group_by if isinstance(self.group_by, str)
+                     else ",".join(self.group_by)),
         "runs": self.runs,
         "results": self.results,
     }
+
+  def table(self, metric: str = "accuracy", group_by: GroupBy | None = None) -> str:
+    """The Markdown table of ``metric``, grouped as the report (or ``group_by``)."""
+    return markdown_table(self.results, metric=metric, runs=self.runs,
+                          group_by=self.group_by if group_by is None else group_by)
 
   @property
   def markdown(self) -> str:
@@ -1118,10 +1230,18 @@ class Report:
               f"{s.num_std:g}|γ|]" if s.act_ranges == "bn"
               else f"calibrated min/max over {s.calib_batches} training batches")
     steps = ", ".join(f"{r['run']}: step {r['step']}" for r in self.runs)
+    grouped = self.group_by != "run"
+    if grouped:
+      by = ("method" if self.group_by == "method"
+            else "config fields " + ", ".join(self.group_by))
+      heading = (f"## Post-training quantization: top-1 accuracy (%), mean ± std"
+                 f" over the runs of each {by}")
+    else:
+      heading = "## Post-training quantization: top-1 accuracy (%)"
     lines = [
-        "## Post-training quantization: top-1 accuracy (%)",
+        heading,
         "",
-        markdown_table(self.results),
+        self.table(),
         f"(W,A) = (weight bits, activation bits). Weights: symmetric, "
         f"{'per output channel' if s.per_channel else 'per tensor'}, every layer;"
         f" batch norm {'folded into the kernels' if s.fold else 'not folded (kept in float)'}."
@@ -1132,8 +1252,20 @@ class Report:
       lines.append(
           f"{OWN_GRID_MARK} STE run evaluated on its own training grid (better than"
           " re-quantizing at the wider grid; the paper prints – there).")
+    if grouped:
+      lines.append("n = runs in the group (seeds); ± is the sample standard deviation.")
+    collapsed = [r for r in self.runs if r.get("collapsed")]
+    if collapsed:
+      chance = collapsed[0].get("chance_accuracy")
+      limit = (f" ≤ {100 * COLLAPSE_FACTOR * chance:.0f} %" if chance else "")
+      lines.append(
+          f"**{len(collapsed)} run(s) collapsed** (float accuracy near chance{limit}:"
+          " a (nearly) constant predictor, e.g. a too-large λ; kept in the means):"
+          f" {', '.join(r['run'] for r in collapsed)}.")
     lines += ["", "## Mean KL(p_float ‖ p_quant) over test examples (nats)", "",
-              markdown_table(self.results, metric="kl")]
+              self.table(metric="kl")]
+    if grouped:
+      lines += ["", "## Per run: top-1 accuracy (%)", "", self.table(group_by="run")]
     return "\n".join(lines)
 
 
@@ -1149,7 +1281,7 @@ def write_report(report: Report, out_dir: str, *, plot: bool = True) -> dict[str
   with open(files["csv"], "w") as f:
     f.write(results_csv(report.results))
   if plot:
-    plot_results(report.results, files["png"])
+    plot_results(report.results, files["png"], group_by=report.group_by, runs=report.runs)
   else:
     del files["png"]
   report.files = files
@@ -1177,6 +1309,7 @@ def evaluate(
     out_dir: str | None = None,
     write: bool = True,
     progress: Callable[[str], None] | None = None,
+    group_by: str | Sequence[str] = "run",
 ) -> Report:
   """Evaluates every run at every bit-width and writes the report.
 
@@ -1187,6 +1320,10 @@ def evaluate(
     write: Write the files (``ptq.json``, ``.md``, ``.csv``, ``.png``).
     progress: Called with a line per run (e.g. ``print``); default absl
       logging at INFO.
+    group_by: How the tables and the plot group runs: ``"run"``,
+      ``"method"`` (mean ± std over the runs of a method, e.g. seeds) or
+      config fields such as ``"reg.kind,reg.weight_coef"`` (see
+      :func:`summarize`).
 
   Returns:
     The report.
@@ -1199,18 +1336,23 @@ def evaluate(
   say = progress or (lambda line: logging.info("%s", line))
   if not workdirs:
     raise errors.ConfigError("No workdir given; pass --workdir DIR (repeatable).")
-  report = Report(settings, [], [])
-  for workdir, label in zip(workdirs, _run_labels(workdirs)):
+  report = Report(settings, [], [], group_by=group_by)
+  for i, (workdir, label) in enumerate(zip(workdirs, _run_labels(workdirs))):
     prepared = prepare_run(workdir, settings, label=label)
     config = prepared.config
+    if not isinstance(report.group_by, str):  # Fail before the sweep, not after.
+      for field in report.group_by:
+        _config_field(config_json(config), field, label)
     batches = data.eval_batches(
         config.dataset, "test", global_batch_size=eval_batch_size(config, settings),
         data_dir=_data_dir(config), max_examples=settings.max_examples)
     result = evaluate_prepared(prepared, settings, batches)
-    say(f"{prepared.label} (step {prepared.step}, {result.info['method']}):"
+    counter = f"[{i + 1}/{len(workdirs)}] " if len(workdirs) > 1 else ""
+    say(f"{counter}{prepared.label} (step {prepared.step}, {result.info['method']}):"
         f" float accuracy {100 * result.info['float_accuracy']:.2f} % on"
         f" {result.info['num_examples']} test examples, {len(settings.bits)}"
-        f" bit-widths, activation ranges: {settings.act_ranges}")
+        f" bit-widths, activation ranges: {settings.act_ranges}"
+        + (" — COLLAPSED (float accuracy near chance)" if result.info["collapsed"] else ""))
     report.runs.append(result.info)
     report.results.extend(result.results)
     report.prepared.append(prepared)

@@ -32,10 +32,14 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from l1grad.regularizers import is_kernel_path
+
 __all__ = [
     "BatchNormLink",
     "FoldedVariables",
     "fake_quant",
+    "kernel_scale",
+    "quantize_kernels",
     "find_conv_bn_pairs",
     "fold_batch_norm",
     "folded_apply",
@@ -240,6 +244,43 @@ def symmetric_scale(
         rmax = jnp.maximum(jnp.max(x, axis=reduce_axes, keepdims=keepdims), 0)
     rmax = rmax.astype(_compute_dtype(x))
     return rmax / grid_max(bits, signed=signed).astype(rmax.dtype)
+
+
+def quantize_kernels(
+    params: Any, bits: ArrayLike, *, per_channel: bool = False, ste: bool = False
+) -> Any:
+    """Fake-quantizes every ``kernel`` leaf of ``params``; other leaves unchanged.
+
+    Symmetric signed grid, scale ``max|W| / (2^(b-1) - 1)`` per tensor, or per
+    output channel (the kernel's last axis, for Conv and Dense alike). Biases
+    and batch-norm parameters stay in float: an integer kernel accumulates in
+    int32 and adds a float/int32 bias.
+
+    Args:
+        params: A params tree (plain, or the ``params`` of folded variables).
+        bits: Weight bit-width; may be traced (one compile serves a sweep).
+        per_channel: One scale per output channel instead of per tensor.
+        ste: Straight-through gradient (quantization-aware training). The scale
+            is then held fixed (``stop_gradient``): a fixed grid, as the paper's STE.
+
+    Returns:
+        The params tree with quantized kernels.
+    """
+
+    def quantize(path: tuple[Any, ...], leaf: jax.Array) -> jax.Array:
+        if not is_kernel_path(path):
+            return leaf
+        scale = kernel_scale(leaf, bits, per_channel=per_channel)
+        if ste:
+            scale = jax.lax.stop_gradient(scale)
+        return fake_quant(leaf, bits, scale, signed=True, ste=ste)
+
+    return jax.tree_util.tree_map_with_path(quantize, params)
+
+
+def kernel_scale(kernel: ArrayLike, bits: ArrayLike, *, per_channel: bool) -> jax.Array:
+    """The weight scale :func:`quantize_kernels` uses (also used by the export)."""
+    return symmetric_scale(kernel, bits, signed=True, axis=-1 if per_channel else None)
 
 
 # ---------------------------------------------------------------------------

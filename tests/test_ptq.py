@@ -319,8 +319,48 @@ def test_grouping_by_method_gives_mean_and_std():
   results = (_results("l1_s0", "l1 λ=0.05", 0, [0.90, 0.80, 0.70])
              + _results("l1_s1", "l1 λ=0.05", 1, [0.92, 0.84, 0.74]))
   lines = ptq.markdown_table(results, group_by="method").strip().splitlines()
-  assert lines[0] == "| method | FP | (8,4) | (4,4) |"
-  assert lines[2] == "| l1 λ=0.05 | 91.00 ± 1.41 | 82.00 ± 2.83 | 72.00 ± 2.83 |"
+  assert lines[0] == "| method | n | FP | (8,4) | (4,4) |"
+  assert lines[2] == "| l1 λ=0.05 | 2 | 91.00 ± 1.41 | 82.00 ± 2.83 | 72.00 ± 2.83 |"
+
+
+def test_grouping_by_config_fields_pools_seeds():
+  results = (_results("a_s0", "l1 λ=0.05", 0, [0.90, 0.80, 0.70])
+             + _results("a_s1", "l1 λ=0.05", 1, [0.92, 0.84, 0.74])
+             + _results("b_s0", "none", 0, [0.91, 0.50, 0.10]))
+  runs = [{"run": "a_s0", "config": {"seed": 0, "reg": {"kind": "l1", "weight_coef": 0.05}}},
+          {"run": "a_s1", "config": {"seed": 1, "reg": {"kind": "l1", "weight_coef": 0.05}}},
+          {"run": "b_s0", "config": {"seed": 0, "reg": {"kind": "none", "weight_coef": 0.0}}}]
+  lines = ptq.markdown_table(results, group_by="reg.kind,reg.weight_coef",
+                             runs=runs).strip().splitlines()
+  assert lines[0] == "| reg.kind | reg.weight_coef | n | FP | (8,4) | (4,4) |"
+  assert lines[2] == "| l1 | 0.05 | 2 | 91.00 ± 1.41 | 82.00 ± 2.83 | 72.00 ± 2.83 |"
+  assert lines[3] == "| none | 0 | 1 | 91.00 | 50.00 | 10.00 |"
+  with pytest.raises(errors.ConfigError, match="reg.nope"):
+    ptq.markdown_table(results, group_by="reg.nope", runs=runs)
+  with pytest.raises(errors.ConfigError, match="group_by"):
+    ptq.parse_group_by("reg.kind,,seed")
+
+
+def test_collapsed_runs_are_flagged_not_hidden(tmp_path):
+  assert ptq.is_collapsed(0.10, 10) and ptq.is_collapsed(0.2, 10)
+  assert not ptq.is_collapsed(0.25, 10) and not ptq.is_collapsed(0.01, None)
+  ok = _results("l1_s0", "l1 λ=1", 0, [0.95, 0.90, 0.80])
+  dead = _results("l1_s1", "l1 λ=1", 1, [0.10, 0.10, 0.10])
+  for r in dead:
+    r["collapsed"] = True
+  lines = ptq.markdown_table(ok + dead, group_by="method").strip().splitlines()
+  assert lines[2] == "| l1 λ=1 (1/2 collapsed) | 2 | 52.50 ± 60.10 | 50.00 ± 56.57 | 45.00 ± 49.50 |"
+  lines = ptq.markdown_table(ok + dead).strip().splitlines()
+  assert lines[3].startswith("| l1_s1 | l1 λ=1 (collapsed) | 10.00 |")
+  runs = [{"run": "l1_s0", "step": 1, "collapsed": False, "chance_accuracy": 0.1},
+          {"run": "l1_s1", "step": 1, "collapsed": True, "chance_accuracy": 0.1}]
+  report = ptq.Report(ptq.Settings(bits=((8, 4), (4, 4))), runs, ok + dead,
+                      group_by="method")
+  files = ptq.write_report(report, str(tmp_path))
+  md = open(files["md"]).read()
+  assert "1 run(s) collapsed" in md and "l1_s1" in md and "## Per run" in md
+  assert json.load(open(files["json"]))["group_by"] == "method"
+  assert open(files["csv"]).read().splitlines()[4].endswith(",True")
 
 
 # ---------------------------------------------------------------------------

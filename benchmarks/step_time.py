@@ -1,0 +1,488 @@
+r"""Times the trainer's own jitted training step, every variant side by side.
+
+What is timed is ``l1grad.train.make_train_step`` — forward, loss, gradient
+(and penalty), optimizer update, BatchNorm in train mode — jitted exactly as
+the trainer jits it (``donate_argnums=0``, ``NamedSharding`` in and out on a
+``data`` mesh), on one fixed random batch. All variants of one model are
+compiled in one process, warmed up, then timed round-robin: each repeat runs
+every variant once (in a rotated order), so a burst of load from another
+process hits all variants alike. The reported step time is the median over
+repeats of (time of ``--steps`` chained steps) / ``--steps``.
+
+Variants:
+  plain           no penalty, ``track_act_grad=False`` (the baseline)
+  plain_tracked   no penalty, ‖∇_A L‖ computed for logging (trainer default)
+  l1_hvp          ℓ1 penalty, exact, forward-over-reverse via jax.linearize
+  l1_hvp_jvp      ℓ1, exact, gradient then jax.jvp(grad) (the earlier code)
+  l1_reverse      ℓ1, exact, reverse-over-reverse
+  l1_fd           ℓ1, finite-difference HVP
+  l2_hvp          ℓ2 penalty, exact (linearize)
+  dq              Defensive Quantization's orthogonality term
+  ste             STE quantization-aware step at ``--ste-bits`` (W:A)
+  torch_plain     the PyTorch peer's plain step (``--peer``; VGG/ResNet only)
+  torch_l1        the PyTorch peer's double-backward ℓ1 step (``--peer``)
+
+Per variant it reports the median step time, images/s, the ratio to
+``plain``, the compile time (trace + lower + compile), XLA's flop count of the
+optimised step (``compiled.cost_analysis()``, noise-free) and its memory
+(``compiled.memory_analysis()``): ``peak`` = argument + output − aliased
+(donated) + temp bytes, i.e. what the step holds at once beyond the code.
+
+Examples (the commands behind benchmarks/RESULTS.md):
+  python benchmarks/step_time.py --models digits,vgg,resnet18 --peer
+  python benchmarks/step_time.py --imagenet --batch 8 --resnet-filters 32
+  python benchmarks/step_time.py --models vgg --xla-flags=--xla_cpu_use_onednn=true
+
+Writes ``benchmarks/results/<tag>.json`` and ``<tag>.md`` (``--out`` sets the
+JSON path) and prints the markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+JAX_VARIANTS = ("plain", "plain_tracked", "l1_hvp", "l1_hvp_jvp",
+                "l1_reverse", "l1_fd", "l2_hvp", "dq", "ste")
+PEER_VARIANTS = ("torch_plain", "torch_l1")
+DEFAULT_VARIANTS = ("plain", "plain_tracked", "l1_hvp", "l1_hvp_jvp",
+                    "l1_reverse", "l1_fd", "l2_hvp", "dq", "ste")
+CIFAR_MODELS = ("digits", "vgg", "resnet18")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(
+      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--models", default="digits,vgg,resnet18",
+                 help="comma list of digits, vgg, resnet18 (CIFAR shapes); "
+                 "--imagenet selects ImageNet ResNet-18 instead")
+  p.add_argument("--imagenet", action="store_true",
+                 help="ImageNet ResNet-18 at 224×224×3, 1000 classes")
+  p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                 help="comma list (see the module docstring)")
+  p.add_argument("--peer", action="store_true",
+                 help="also time the PyTorch peer (needs the bench extra)")
+  p.add_argument("--batch", type=int, default=32,
+                 help="batch size for VGG/ResNet (digits uses --digits-batch)")
+  p.add_argument("--digits-batch", type=int, default=64)
+  p.add_argument("--digits-width", type=int, default=32)
+  p.add_argument("--vgg-width", type=float, default=0.25,
+                 help="VGG-like width_multiplier (1.0 = the paper's net)")
+  p.add_argument("--resnet-filters", type=int, default=16,
+                 help="ResNet-18 num_filters (64 = the standard net)")
+  p.add_argument("--image-size", type=int, default=224,
+                 help="ImageNet input side with --imagenet")
+  p.add_argument("--ste-bits", default="4:4")
+  p.add_argument("--repeats", type=int, default=7)
+  p.add_argument("--steps", type=int, default=3,
+                 help="chained steps per timed call")
+  p.add_argument("--warmup", type=int, default=2)
+  p.add_argument("--threads", type=int, default=0,
+                 help="torch threads (0: os.cpu_count())")
+  p.add_argument("--xla-flags", default="",
+                 help="appended to XLA_FLAGS before JAX starts")
+  p.add_argument("--tag", default="",
+                 help="results file name (default: from models and flags)")
+  p.add_argument("--out", default="",
+                 help="JSON path (default benchmarks/results/<tag>.json)")
+  p.add_argument("--quiet", action="store_true")
+  return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------
+# Configs.
+
+
+def _set(config, key: str, value: Any) -> None:
+  target = config
+  *parents, leaf = key.split(".")
+  for part in parents:
+    target = target[part]
+  target[leaf] = value
+
+
+def model_setup(name: str, args: argparse.Namespace) -> dict[str, Any]:
+  """Base config, image shape, classes and batch of one benchmark model."""
+  from configs import cifar10_r18, cifar10_vgg, digits, imagenet_r18  # pylint: disable=g-import-not-at-top
+  if name == "digits":
+    config = digits.get_config()
+    config.model_kwargs.width = args.digits_width
+    return dict(config=config, image_shape=(8, 8, 1), num_classes=10,
+                batch=args.digits_batch,
+                desc=f"digits CNN width {args.digits_width}")
+  if name == "vgg":
+    config = cifar10_vgg.get_config()
+    config.model_kwargs.width_multiplier = args.vgg_width
+    return dict(config=config, image_shape=(32, 32, 3), num_classes=10,
+                batch=args.batch,
+                desc=f"VGG-like width_multiplier {args.vgg_width:g}")
+  if name == "resnet18":
+    config = cifar10_r18.get_config()
+    config.model_kwargs.num_filters = args.resnet_filters
+    return dict(config=config, image_shape=(32, 32, 3), num_classes=10,
+                batch=args.batch,
+                desc=f"ResNet-18 (CIFAR) num_filters {args.resnet_filters}")
+  if name == "resnet18_imagenet":
+    config = imagenet_r18.get_config()
+    config.model_kwargs.num_filters = args.resnet_filters
+    s = args.image_size
+    return dict(config=config, image_shape=(s, s, 3), num_classes=1000,
+                batch=args.batch,
+                desc=f"ResNet-18 (ImageNet) num_filters {args.resnet_filters}")
+  raise ValueError(f"unknown model {name!r}")
+
+
+def variant_config(base, variant: str, ste_bits: str):
+  """(config, regularized, hvp_impl) of one JAX variant."""
+  config = base.copy_and_resolve_references()
+  config.track_act_grad = False
+  config.reg.kind = "none"
+  config.reg.weight_coef = 0.0
+  config.reg.act_coef = -1.0
+  config.qat.bits = ""
+  regularized, hvp_impl = False, "linearize"
+  if variant == "plain":
+    pass
+  elif variant == "plain_tracked":
+    config.track_act_grad = True
+  elif variant.startswith(("l1_", "l2_")):
+    kind, method = variant.split("_", 1)
+    config.reg.kind = kind
+    config.reg.weight_coef = 0.05
+    if method == "hvp_jvp":
+      method, hvp_impl = "hvp", "jvp"
+    config.reg.method = {"hvp": "hvp", "reverse": "reverse",
+                         "fd": "finite_difference"}[method]
+    regularized = True
+  elif variant == "dq":
+    config.reg.kind = "dq"
+    config.reg.weight_coef = 1e-4
+    regularized = True
+  elif variant == "ste":
+    config.qat.bits = ste_bits
+  else:
+    raise ValueError(f"unknown variant {variant!r}")
+  return config, regularized, hvp_impl
+
+
+# --------------------------------------------------------------------------
+# Building and measuring one compiled step.
+
+
+def _first(analysis):
+  return analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+
+
+def build_jax_variant(setup, variant: str, args, params, batch_stats, batch,
+                      rng, shardings) -> dict[str, Any]:
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  from l1grad import penalty, train  # pylint: disable=g-import-not-at-top
+
+  config, regularized, hvp_impl = variant_config(setup["config"], variant,
+                                                 args.ste_bits)
+  config.batch_size = setup["batch"]
+  model = train.create_model(config, setup["num_classes"])
+  lr = optax.constant_schedule(0.01)
+  tx = train.create_optimizer(config, lr)
+  replicated, batch_sharding = shardings
+  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                           batch_stats=batch_stats, opt_state=tx.init(params))
+  # A private copy: the step donates (and so deletes) its input state.
+  state = jax.device_put(jax.tree.map(lambda x: jnp.array(x, copy=True), state),
+                         replicated)
+  step = train.make_train_step(model, config, tx, lr, regularized=regularized)
+  jitted = jax.jit(step, donate_argnums=0,
+                   in_shardings=(replicated, batch_sharding, replicated),
+                   out_shardings=(replicated, replicated))
+  previous = penalty._HVP_IMPL  # pylint: disable=protected-access
+  penalty._HVP_IMPL = hvp_impl  # pylint: disable=protected-access
+  try:
+    t0 = time.perf_counter()
+    lowered = jitted.lower(state, batch, rng)
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - t0
+  finally:
+    penalty._HVP_IMPL = previous  # pylint: disable=protected-access
+  cost = _first(compiled.cost_analysis()) or {}
+  mem = compiled.memory_analysis()
+  memory = None
+  if mem is not None:
+    memory = {
+        "temp_bytes": int(mem.temp_size_in_bytes),
+        "argument_bytes": int(mem.argument_size_in_bytes),
+        "output_bytes": int(mem.output_size_in_bytes),
+        "alias_bytes": int(mem.alias_size_in_bytes),
+    }
+    memory["peak_bytes"] = (memory["argument_bytes"] + memory["output_bytes"]
+                            - memory["alias_bytes"] + memory["temp_bytes"])
+  holder = {"state": state}
+
+  def run(steps: int) -> None:
+    s = holder["state"]
+    for _ in range(steps):
+      s, _ = compiled(s, batch, rng)
+    jax.block_until_ready(s)
+    holder["state"] = s
+
+  return {
+      "run": run,
+      "framework": "jax",
+      "compile_s": compile_s,
+      "flops": float(cost.get("flops", float("nan"))),
+      "bytes_accessed": float(cost.get("bytes accessed", float("nan"))),
+      "memory": memory,
+  }
+
+
+def build_peer_variant(setup, model_name: str, variant: str, args,
+                       peers: dict[str, Any]) -> dict[str, Any]:
+  """The PyTorch peer's step (one model object shared by both variants)."""
+  import peer_torch  # pylint: disable=g-import-not-at-top
+  if model_name not in peers:
+    peers[model_name] = peer_torch.Peer(
+        model_name, num_classes=setup["num_classes"],
+        image_shape=setup["image_shape"], batch=setup["batch"],
+        vgg_width=args.vgg_width, resnet_filters=args.resnet_filters,
+        threads=args.threads or os.cpu_count())
+  peer = peers[model_name]
+  regularized = variant == "torch_l1"
+  t0 = time.perf_counter()
+  peer.step(regularized)  # first call: allocator warm-up
+  return {
+      "run": lambda steps: peer.run(regularized, steps),
+      "framework": "torch",
+      "compile_s": time.perf_counter() - t0,
+      "flops": float("nan"),
+      "bytes_accessed": float("nan"),
+      "memory": None,
+  }
+
+
+# --------------------------------------------------------------------------
+# One model: build every variant, then time them round-robin.
+
+
+def bench_model(model_name: str, variants: list[str], args) -> dict[str, Any]:
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from l1grad import train  # pylint: disable=g-import-not-at-top
+
+  setup = model_setup(model_name, args)
+  mesh = train.data_mesh()
+  replicated = NamedSharding(mesh, P())
+  batch_sharding = NamedSharding(mesh, P("data"))
+  model = train.create_model(setup["config"], setup["num_classes"])
+  params, batch_stats = train.init_variables(model, setup["image_shape"], 0)
+  rs = np.random.RandomState(0)
+  batch = {
+      "image": rs.randn(setup["batch"], *setup["image_shape"]).astype(np.float32),
+      "label": rs.randint(0, setup["num_classes"], setup["batch"]).astype(np.int32),
+  }
+  batch = jax.device_put({k: jnp.asarray(v) for k, v in batch.items()},
+                         batch_sharding)
+  rng = jax.device_put(jax.random.key(0), replicated)
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+  built: dict[str, dict[str, Any]] = {}
+  peers: dict[str, Any] = {}
+  for v in variants:
+    if v in PEER_VARIANTS:
+      if model_name == "digits":
+        continue
+      built[v] = build_peer_variant(setup, model_name, v, args, peers)
+    else:
+      built[v] = build_jax_variant(setup, v, args, params, batch_stats, batch,
+                                   rng, (replicated, batch_sharding))
+    if not args.quiet:
+      print(f"  [{model_name}] built {v} in {built[v]['compile_s']:.1f}s",
+            flush=True)
+  for b in built.values():
+    if args.warmup:
+      b["run"](args.warmup)
+
+  names = list(built)
+  times: dict[str, list[float]] = {v: [] for v in names}
+  loads = [os.getloadavg()]
+  for r in range(args.repeats):
+    order = names[r % len(names):] + names[:r % len(names)]
+    for v in order:
+      t0 = time.perf_counter()
+      built[v]["run"](args.steps)
+      times[v].append((time.perf_counter() - t0) / args.steps)
+    loads.append(os.getloadavg())
+
+  plain = statistics.median(times["plain"]) if "plain" in times else None
+  torch_plain = (statistics.median(times["torch_plain"])
+                 if "torch_plain" in times else None)
+  plain_b = built.get("plain")
+  rows = {}
+  for v in names:
+    b = built[v]
+    med = statistics.median(times[v])
+    base = torch_plain if b["framework"] == "torch" else plain
+    row = {
+        "framework": b["framework"],
+        "median_s": med,
+        "min_s": min(times[v]),
+        "times_s": times[v],
+        "images_per_s": setup["batch"] / med,
+        "ratio_to_plain": med / base if base else None,
+        "ratio_to_jax_plain": med / plain if plain else None,
+        "compile_s": b["compile_s"],
+        "flops": b["flops"],
+        "bytes_accessed": b["bytes_accessed"],
+        "memory": b["memory"],
+    }
+    if plain_b is not None and b["framework"] == "jax":
+      row["flops_ratio"] = b["flops"] / plain_b["flops"]
+      if b["memory"] and plain_b["memory"]:
+        row["peak_ratio"] = (b["memory"]["peak_bytes"]
+                             / plain_b["memory"]["peak_bytes"])
+        row["temp_ratio"] = (b["memory"]["temp_bytes"]
+                             / max(plain_b["memory"]["temp_bytes"], 1))
+    rows[v] = row
+  return {
+      "model": model_name,
+      "description": setup["desc"],
+      "batch": setup["batch"],
+      "image_shape": list(setup["image_shape"]),
+      "num_classes": setup["num_classes"],
+      "params": n_params,
+      "repeats": args.repeats,
+      "steps_per_repeat": args.steps,
+      "loadavg_during": [list(x) for x in loads],
+      "variants": rows,
+  }
+
+
+# --------------------------------------------------------------------------
+# Reporting.
+
+
+def machine_info() -> dict[str, Any]:
+  import jax  # pylint: disable=g-import-not-at-top
+  cpu = platform.processor()
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          cpu = line.split(":", 1)[1].strip()
+          break
+  except OSError:
+    pass
+  info = {
+      "nproc": os.cpu_count(),
+      "cpu": cpu,
+      "jax": jax.__version__,
+      "device": str(jax.devices()[0].device_kind),
+      "backend": jax.default_backend(),
+      "python": platform.python_version(),
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+  }
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+    info["torch"] = torch.__version__
+  except ImportError:
+    pass
+  return info
+
+
+def _mb(x: float) -> str:
+  return f"{x / 2**20:.1f}"
+
+
+def markdown(result: dict[str, Any]) -> str:
+  lines = []
+  for m in result["models"]:
+    la = m["loadavg_during"]
+    lines.append(
+        f"**{m['description']}**, batch {m['batch']}, input "
+        f"{'×'.join(map(str, m['image_shape']))}, {m['params']:,} parameters; "
+        f"{m['repeats']} repeats × {m['steps_per_repeat']} steps; load average "
+        f"(1 min) {la[0][0]:.2f} before, {max(x[0] for x in la):.2f} max, "
+        f"{la[-1][0]:.2f} after.")
+    lines.append("")
+    lines.append("| variant | step ms (median) | min ms | images/s | × plain |"
+                 " flops × plain | compile s | peak MiB | × plain | temp MiB |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|")
+    for v, r in m["variants"].items():
+      mem = r["memory"]
+      ratio = f"{r['ratio_to_plain']:.2f}" if r["ratio_to_plain"] else "—"
+      if r["framework"] == "torch" and r.get("ratio_to_jax_plain"):
+        ratio += f" (× JAX plain {r['ratio_to_jax_plain']:.2f})"
+      lines.append(
+          f"| {v} | {1e3 * r['median_s']:.1f} | {1e3 * r['min_s']:.1f} | "
+          f"{r['images_per_s']:.0f} | {ratio} | "
+          f"{r.get('flops_ratio', float('nan')):.2f} | {r['compile_s']:.1f} | "
+          f"{_mb(mem['peak_bytes']) if mem else '—'} | "
+          f"{r.get('peak_ratio', float('nan')):.2f} | "
+          f"{_mb(mem['temp_bytes']) if mem else '—'} |".replace("nan", "—"))
+    lines.append("")
+  return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+  args = parse_args(argv)
+  if args.xla_flags:
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  models = (["resnet18_imagenet"] if args.imagenet
+            else [m for m in args.models.split(",") if m])
+  variants = [v for v in args.variants.split(",") if v]
+  if args.peer:
+    variants += [v for v in PEER_VARIANTS if v not in variants]
+  unknown = sorted(set(variants) - set(JAX_VARIANTS) - set(PEER_VARIANTS))
+  if unknown:
+    raise SystemExit(f"unknown variants {unknown}; valid: "
+                     f"{JAX_VARIANTS + PEER_VARIANTS}")
+  if "plain" not in variants:
+    variants.insert(0, "plain")
+
+  started = datetime.datetime.now().isoformat(timespec="seconds")
+  load_before = os.getloadavg()
+  results = []
+  for name in models:
+    if not args.quiet:
+      print(f"{name}: building {len(variants)} variants", flush=True)
+    results.append(bench_model(name, variants, args))
+  result = {
+      "started": started,
+      "command": "python benchmarks/step_time.py " + " ".join(
+          sys.argv[1:] if argv is None else argv),
+      "machine": machine_info(),
+      "loadavg_before": list(load_before),
+      "loadavg_after": list(os.getloadavg()),
+      "models": results,
+  }
+  table = markdown(result)
+  if not args.quiet:
+    print(table)
+  tag = args.tag or ("imagenet" if args.imagenet else "_".join(models))
+  out = args.out or os.path.join(ROOT, "benchmarks", "results", f"{tag}.json")
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  with open(out, "w") as f:
+    json.dump(result, f, indent=1)
+  with open(os.path.splitext(out)[0] + ".md", "w") as f:
+    f.write(f"<!-- {result['command']} ({started}) -->\n\n{table}\n")
+  return result
+
+
+if __name__ == "__main__":
+  main()
