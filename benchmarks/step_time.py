@@ -239,6 +239,7 @@ def build_jax_variant(setup, variant: str, args, params, batch_stats, batch,
 
   return {
       "run": run,
+      "compiled": compiled,
       "framework": "jax",
       "compile_s": compile_s,
       "flops": float(cost.get("flops", float("nan"))),

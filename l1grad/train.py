@@ -152,18 +152,6 @@ def init_variables(model: nn.Module, image_shape: tuple[int, ...],
 # The step.
 
 
-def quantize_kernels(params: PyTree, w_bits: Any, *, ste: bool) -> PyTree:
-  """Fake-quantizes every Conv/Dense kernel per tensor (symmetric grid)."""
-
-  def q(path, leaf):
-    if not penalty.is_kernel_path(path):
-      return leaf
-    scale = jax.lax.stop_gradient(quant.symmetric_scale(leaf, w_bits))
-    return quant.fake_quant(leaf, w_bits, scale, ste=ste)
-
-  return jax.tree_util.tree_map_with_path(q, params)
-
-
 def make_loss_fn(model: nn.Module, config: ml_collections.ConfigDict,
                  *, regularized: bool) -> Callable[..., Any]:
   """``(params, batch_stats, images, labels, rng) -> (loss, aux)``.
@@ -179,7 +167,7 @@ def make_loss_fn(model: nn.Module, config: ml_collections.ConfigDict,
     applied = params
     context = perturb.transform_layer_inputs(lambda k, x: x)
     if qat_bits is not None:
-      applied = quantize_kernels(params, qat_bits[0], ste=True)
+      applied = quant.quantize_kernels(params, qat_bits[0], ste=True)
       context = perturb.quantized_activations(qat_bits[1], None, ste=True)
     with context:
       logits, updates = model.apply(
@@ -345,14 +333,14 @@ class MetricWriter:
       self._tb.close()
 
 
-# Metrics whose non-finite value means the run has diverged; the update and
-# parameter norms catch an overflow in the optimizer even when the gradient
-# itself is still finite.
+# Metrics whose non-finite value means the run has diverged; the last two
+# (update and parameter norms) catch an overflow in the optimizer even when
+# the loss and gradient are still finite.
 _WATCHED = ("total_loss", "cross_entropy", "penalty", "dq_penalty", "grad_norm",
             "update_norm", "param_norm")
 # The loss parts and context the divergence message reports.
 _REPORTED = ("cross_entropy", "weight_penalty", "act_penalty", "dq_penalty",
-             "penalty", "total_loss", "grad_norm", "update_norm",
+             "penalty", "total_loss", "grad_norm", "update_norm", "param_norm",
              "learning_rate")
 
 
@@ -394,11 +382,14 @@ def _check_finite(pending: list[tuple[int, Metrics]], last_saved: int | None,
     if all(math.isfinite(float(values[k])) for k in _WATCHED):
       continue
     parts = ", ".join(f"{k}={float(values[k]):.6g}" for k in _REPORTED)
+    what = ("loss or gradient" if not all(
+        math.isfinite(float(values[k])) for k in _WATCHED[:5])
+            else "parameter update")
     # Step numbers count steps done, as in the progress lines and checkpoint
     # names: the update with index `step` is "step step+1".
     total = f"/{last_step}" if last_step is not None else ""
     raise TrainingDivergedError(
-        f"Non-finite loss or gradient at step {step + 1}{total} ({parts})."
+        f"Non-finite {what} at step {step + 1}{total} ({parts})."
         " Training stopped and nothing from this step on was saved;"
         f" {_last_good(last_saved, workdir)}." + _DIVERGED_FIX)
 

@@ -210,7 +210,9 @@ def test_every_pending_step_is_checked_not_only_the_logged_one():
                            r" checkpoint is step 3"):
     train._check_finite(pending, 3, "/w", 9)
   overflow = dict(finite, update_norm=np.float32(np.inf))
-  with pytest.raises(train.TrainingDivergedError, match="no checkpoint"):
+  with pytest.raises(train.TrainingDivergedError,
+                     match="Non-finite parameter update at step 1/9.*no"
+                           " checkpoint"):
     train._check_finite([(0, overflow)], None, "/w", 9)
   train._check_finite([(0, finite)], None, "/w", 9)
 

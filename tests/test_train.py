@@ -115,7 +115,7 @@ def test_ste_forward_uses_quantized_values_and_training_moves_weights(tmp_path):
   _, aux = loss_fn(run.params, run.batch_stats, x, y, jax.random.key(0))
 
   # The same forward pass written out: quantized kernels, 2-bit activations.
-  q_params = train.quantize_kernels(run.params, 2, ste=False)
+  q_params = quant.quantize_kernels(run.params, 2)
   with perturb.quantized_activations(2, None):
     expected, _ = model.apply({"params": q_params, "batch_stats": run.batch_stats},
                               x, train=True, mutable=["batch_stats"])
