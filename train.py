@@ -26,6 +26,11 @@ from l1grad.errors import UserError
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and logs go.")
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "A config file from configs/.", lock_config=True)
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost", False,
+    "Call jax.distributed.initialize() first: one process per host of a"
+    " multi-host cluster (it reads the coordinator address, process count and"
+    " id from the cluster's environment, e.g. SLURM or Cloud TPU).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 EXIT_DIVERGED = 1
@@ -92,6 +97,9 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax's INFO logs bury progress.
   config = _loaded_config()
+  if _MULTIHOST.value:
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.distributed.initialize()
   try:
     train.train_and_evaluate(config, _WORKDIR.value)
   except UserError as e:
