@@ -22,6 +22,13 @@ Variants:
   torch_plain     the PyTorch peer's plain step (``--peer``; VGG/ResNet only)
   torch_l1        the PyTorch peer's double-backward ℓ1 step (``--peer``)
 
+A JAX variant may carry modifiers, ``VARIANT@MOD[+MOD]``, timed in the same
+round-robin as the others: ``NAME`` of an ``--option-set`` compiles it with
+those XLA options; ``rpool`` is an experiment that traces the model with
+2×2/2 max-pooling written as reshape + max (same values and, but for exact
+ties, same gradients) instead of ``lax.reduce_window``. Its ratio is taken
+to ``plain@`` with the same modifiers when that is measured.
+
 Per variant it reports the median step time, images/s, the ratio to
 ``plain``, the compile time (trace + lower + compile), XLA's flop count of the
 optimised step (``compiled.cost_analysis()``, noise-free) and its memory
@@ -92,10 +99,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                  help="torch threads (0: os.cpu_count())")
   p.add_argument("--xla-flags", default="",
                  help="appended to XLA_FLAGS before JAX starts")
+  p.add_argument("--option-set", action="append", default=[],
+                 metavar="NAME:KEY=VAL[;KEY=VAL]",
+                 help="XLA compiler options for variants suffixed @NAME, "
+                 "compiled in the same process (e.g. ynnconv:xla_cpu_"
+                 "experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_"
+                 "INDIVIDUAL_CONVOLUTION)")
   p.add_argument("--tag", default="",
                  help="results file name (default: from models and flags)")
   p.add_argument("--out", default="",
                  help="JSON path (default benchmarks/results/<tag>.json)")
+  p.add_argument("--compile-only", action="store_true",
+                 help="no timing: compile time, flops and memory only (cheap "
+                 "for full-size models; noise-free)")
   p.add_argument("--quiet", action="store_true")
   return p.parse_args(argv)
 
@@ -180,6 +196,54 @@ def variant_config(base, variant: str, ste_bits: str):
 # Building and measuring one compiled step.
 
 
+def _reshape_max_pool(original):
+  """nn.max_pool whose 2×2/2 VALID case is reshape + max (the rpool experiment)."""
+
+  def pool(inputs, window_shape, strides=None, padding="VALID"):
+    import jax  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    window = tuple(window_shape)
+    if (window == (2, 2) and tuple(strides or window) == window
+        and padding == "VALID" and inputs.ndim == 4
+        and inputs.shape[1] % 2 == 0 and inputs.shape[2] % 2 == 0):
+      b, h, w, c = inputs.shape
+      # The trainer's mesh has explicit axes: a reshape that splits two axes
+      # must name its output sharding (the batch axis keeps its own).
+      sharding = jax.typeof(inputs).sharding
+      spec = tuple(sharding.spec) + (None,) * 4
+      out = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(
+          spec[0], spec[1], None, spec[2], None, spec[3]))
+      split = jax.lax.reshape(inputs, (b, h // 2, 2, w // 2, 2, c),
+                              out_sharding=out)
+      return jnp.max(split, axis=(2, 4))
+    return original(inputs, window_shape, strides=strides, padding=padding)
+
+  return pool
+
+
+def split_variant(variant: str) -> tuple[str, list[str]]:
+  base, _, mods = variant.partition("@")
+  return base, [m for m in mods.split("+") if m]
+
+
+def _option_value(text: str) -> Any:
+  if text.lower() in ("true", "false"):
+    return text.lower() == "true"
+  try:
+    return int(text)
+  except ValueError:
+    return text
+
+
+def parse_option_sets(specs: list[str]) -> dict[str, dict[str, Any]]:
+  sets = {}
+  for spec in specs:
+    name, _, items = spec.partition(":")
+    pairs = (item.split("=", 1) for item in items.split(";") if item)
+    sets[name] = {k: _option_value(v) for k, v in pairs}
+  return sets
+
+
 def _first(analysis):
   return analysis[0] if isinstance(analysis, (list, tuple)) else analysis
 
@@ -191,7 +255,16 @@ def build_jax_variant(setup, variant: str, args, params, batch_stats, batch,
   import optax  # pylint: disable=g-import-not-at-top
   from l1grad import penalty, train  # pylint: disable=g-import-not-at-top
 
-  config, regularized, hvp_impl = variant_config(setup["config"], variant,
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  base, mods = split_variant(variant)
+  option_sets = parse_option_sets(args.option_set)
+  compiler_options: dict[str, Any] = {}
+  for mod in mods:
+    if mod in option_sets:
+      compiler_options.update(option_sets[mod])
+    elif mod != "rpool":
+      raise ValueError(f"unknown modifier {mod!r} in {variant!r}")
+  config, regularized, hvp_impl = variant_config(setup["config"], base,
                                                  args.ste_bits)
   config.batch_size = setup["batch"]
   model = train.create_model(config, setup["num_classes"])
@@ -209,13 +282,17 @@ def build_jax_variant(setup, variant: str, args, params, batch_stats, batch,
                    out_shardings=(replicated, replicated))
   previous = penalty._HVP_IMPL  # pylint: disable=protected-access
   penalty._HVP_IMPL = hvp_impl  # pylint: disable=protected-access
+  max_pool = nn.max_pool
+  if "rpool" in mods:
+    nn.max_pool = _reshape_max_pool(max_pool)
   try:
     t0 = time.perf_counter()
     lowered = jitted.lower(state, batch, rng)
-    compiled = lowered.compile()
+    compiled = lowered.compile(compiler_options=compiler_options or None)
     compile_s = time.perf_counter() - t0
   finally:
     penalty._HVP_IMPL = previous  # pylint: disable=protected-access
+    nn.max_pool = max_pool
   cost = _first(compiled.cost_analysis()) or {}
   mem = compiled.memory_analysis()
   memory = None
@@ -313,38 +390,50 @@ def bench_model(model_name: str, variants: list[str], args) -> dict[str, Any]:
     if not args.quiet:
       print(f"  [{model_name}] built {v} in {built[v]['compile_s']:.1f}s",
             flush=True)
-  for b in built.values():
-    if args.warmup:
-      b["run"](args.warmup)
-
   names = list(built)
+  if args.compile_only:
+    names = [v for v in names if built[v]["framework"] == "jax"]
+  for v in names:
+    if args.warmup and not args.compile_only:
+      built[v]["run"](args.warmup)
+
   times: dict[str, list[float]] = {v: [] for v in names}
+  cpu_times: dict[str, list[float]] = {v: [] for v in names}
   loads = [os.getloadavg()]
-  for r in range(args.repeats):
+  for r in range(0 if args.compile_only else args.repeats):
     order = names[r % len(names):] + names[:r % len(names)]
     for v in order:
-      t0 = time.perf_counter()
+      c0, t0 = time.process_time(), time.perf_counter()
       built[v]["run"](args.steps)
       times[v].append((time.perf_counter() - t0) / args.steps)
+      cpu_times[v].append((time.process_time() - c0) / args.steps)
     loads.append(os.getloadavg())
 
-  plain = statistics.median(times["plain"]) if "plain" in times else None
-  torch_plain = (statistics.median(times["torch_plain"])
-                 if "torch_plain" in times else None)
-  plain_b = built.get("plain")
+  timed = not args.compile_only
+  med = {v: statistics.median(times[v]) if timed else None for v in names}
+  plain = med.get("plain")
   rows = {}
   for v in names:
     b = built[v]
-    med = statistics.median(times[v])
-    base = torch_plain if b["framework"] == "torch" else plain
+    _, mods = split_variant(v)
+    plain_name = "plain@" + "+".join(mods) if mods else "plain"
+    if plain_name not in built:
+      plain_name = "plain"
+    plain_b = built.get(plain_name)
+    base = med.get("torch_plain" if b["framework"] == "torch" else plain_name)
+    m = med[v]
     row = {
         "framework": b["framework"],
-        "median_s": med,
-        "min_s": min(times[v]),
+        "median_s": m,
+        "min_s": min(times[v]) if timed else None,
         "times_s": times[v],
-        "images_per_s": setup["batch"] / med,
-        "ratio_to_plain": med / base if base else None,
-        "ratio_to_jax_plain": med / plain if plain else None,
+        # CPU seconds of this process per step (all threads): less sensitive
+        # to other processes than wall time, but it counts spin-waiting.
+        "cpu_s": statistics.median(cpu_times[v]) if timed else None,
+        "images_per_s": setup["batch"] / m if timed else None,
+        "ratio_to_plain": m / base if timed and base else None,
+        "ratio_base": "torch_plain" if b["framework"] == "torch" else plain_name,
+        "ratio_to_jax_plain": m / plain if timed and plain else None,
         "compile_s": b["compile_s"],
         "flops": b["flops"],
         "bytes_accessed": b["bytes_accessed"],
@@ -365,7 +454,7 @@ def bench_model(model_name: str, variants: list[str], args) -> dict[str, Any]:
       "image_shape": list(setup["image_shape"]),
       "num_classes": setup["num_classes"],
       "params": n_params,
-      "repeats": args.repeats,
+      "repeats": 0 if args.compile_only else args.repeats,
       "steps_per_repeat": args.steps,
       "loadavg_during": [list(x) for x in loads],
       "variants": rows,
@@ -404,10 +493,6 @@ def machine_info() -> dict[str, Any]:
   return info
 
 
-def _mb(x: float) -> str:
-  return f"{x / 2**20:.1f}"
-
-
 def markdown(result: dict[str, Any]) -> str:
   lines = []
   for m in result["models"]:
@@ -415,25 +500,31 @@ def markdown(result: dict[str, Any]) -> str:
     lines.append(
         f"**{m['description']}**, batch {m['batch']}, input "
         f"{'×'.join(map(str, m['image_shape']))}, {m['params']:,} parameters; "
-        f"{m['repeats']} repeats × {m['steps_per_repeat']} steps; load average "
+        + (f"{m['repeats']} repeats × {m['steps_per_repeat']} steps; "
+           if m["repeats"] else "compiled only, not run; ")
+        + f"load average "
         f"(1 min) {la[0][0]:.2f} before, {max(x[0] for x in la):.2f} max, "
         f"{la[-1][0]:.2f} after.")
     lines.append("")
-    lines.append("| variant | step ms (median) | min ms | images/s | × plain |"
-                 " flops × plain | compile s | peak MiB | × plain | temp MiB |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|")
+    lines.append("| variant | step ms (median) | min ms | CPU ms | images/s |"
+                 " × plain | flops × plain | compile s | peak MiB | × plain |"
+                 " temp MiB |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for v, r in m["variants"].items():
       mem = r["memory"]
-      ratio = f"{r['ratio_to_plain']:.2f}" if r["ratio_to_plain"] else "—"
+      fmt = lambda x, spec: "—" if x is None or x != x else format(x, spec)
+      ms = lambda x: fmt(None if x is None else 1e3 * x, ".1f")
+      ratio = fmt(r["ratio_to_plain"], ".2f")
       if r["framework"] == "torch" and r.get("ratio_to_jax_plain"):
         ratio += f" (× JAX plain {r['ratio_to_jax_plain']:.2f})"
       lines.append(
-          f"| {v} | {1e3 * r['median_s']:.1f} | {1e3 * r['min_s']:.1f} | "
-          f"{r['images_per_s']:.0f} | {ratio} | "
-          f"{r.get('flops_ratio', float('nan')):.2f} | {r['compile_s']:.1f} | "
-          f"{_mb(mem['peak_bytes']) if mem else '—'} | "
-          f"{r.get('peak_ratio', float('nan')):.2f} | "
-          f"{_mb(mem['temp_bytes']) if mem else '—'} |".replace("nan", "—"))
+          f"| {v} | {ms(r['median_s'])} | {ms(r['min_s'])} | "
+          f"{fmt(None if r['cpu_s'] is None else 1e3 * r['cpu_s'], '.0f')} | "
+          f"{fmt(r['images_per_s'], '.0f')} | {ratio} | "
+          f"{fmt(r.get('flops_ratio'), '.2f')} | {r['compile_s']:.1f} | "
+          f"{fmt(mem['peak_bytes'] / 2**20 if mem else None, '.1f')} | "
+          f"{fmt(r.get('peak_ratio'), '.2f')} | "
+          f"{fmt(mem['temp_bytes'] / 2**20 if mem else None, '.1f')} |")
     lines.append("")
   return "\n".join(lines)
 
@@ -449,7 +540,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   variants = [v for v in args.variants.split(",") if v]
   if args.peer:
     variants += [v for v in PEER_VARIANTS if v not in variants]
-  unknown = sorted(set(variants) - set(JAX_VARIANTS) - set(PEER_VARIANTS))
+  unknown = sorted({split_variant(v)[0] for v in variants}
+                   - set(JAX_VARIANTS) - set(PEER_VARIANTS))
   if unknown:
     raise SystemExit(f"unknown variants {unknown}; valid: "
                      f"{JAX_VARIANTS + PEER_VARIANTS}")

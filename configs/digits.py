@@ -8,8 +8,10 @@ Fine-tune it with the ℓ1 penalty (the paper's recipe: regularize a trained
 model with SGD):
   python train.py --config configs/digits.py --workdir runs/digits_l1 \
     --config.init_from=runs/digits --config.num_epochs=10 \
-    --config.learning_rate=0.01 --config.reg.kind=l1 --config.reg.weight_coef=0.05
-Run time: about half a minute on 2 CPU cores (30 epochs × 22 steps).
+    --config.learning_rate=0.01 --config.reg.kind=l1 --config.reg.weight_coef=0.02
+λ = 0.02 is the largest that kept float accuracy over 3 seeds (scripts/demo.sh);
+0.05 already destabilizes some seeds.
+Run time: about 15 s on 2 CPU cores (30 epochs × 22 steps).
 Expected result: about 98–99 % test accuracy (360 held-out images).
 """
 

@@ -163,11 +163,6 @@ def value_and_grad(
       with perturb.perturbed(e) if with_points else contextlib.nullcontext():
         out = loss_fn(p, *args)
       return out if has_aux else (out, None)
-    import os
-    _r = os.environ.get("L1G_REMAT", "")
-    if _r.startswith("loss_"):
-      _pol = {"dots": jax.checkpoint_policies.dots_saveable, "nothing": jax.checkpoint_policies.nothing_saveable}
-      loss_params_eps = jax.checkpoint(loss_params_eps, policy=_pol[_r[5:]])
 
     eps = {}
     if with_points:
@@ -195,14 +190,8 @@ def value_and_grad(
     # tangent, sign(∇L), is only known after the gradient).
     linear_hvp = None
     if method == "hvp" and (use_w or use_a) and _HVP_IMPL == "linearize":
-      import os
-      _r = os.environ.get("L1G_REMAT", "")
-      _pol = {"dots": jax.checkpoint_policies.dots_saveable, "nothing": jax.checkpoint_policies.nothing_saveable, "nobatch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
-      ga = grads_at
-      if _r.startswith("grads_"):
-        ga = jax.checkpoint(grads_at, policy=_pol[_r[6:]])
       (g_params, g_eps), linear_hvp, (loss, aux) = jax.linearize(
-          ga, lin_k, lin_e, has_aux=True)
+          grads_at, lin_k, lin_e, has_aux=True)
     else:
       (g_params, g_eps), (loss, aux) = grads_at({}, {})
     g_kernels, _ = split_kernels(g_params)

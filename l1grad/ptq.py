@@ -1173,7 +1173,8 @@ def plot_results(results: Sequence[Mapping[str, Any]], path: str, *,
   ax.set_xticks(x)
   ax.set_xticklabels(columns)
   ax.set_xlabel("(weight bits, activation bits)")
-  ax.set_ylabel("top-1 accuracy (%)" + (" — mean ± std band" if grouped else ""))
+  banded = grouped and any(len(row.runs) > 1 for row in rows)
+  ax.set_ylabel("top-1 accuracy (%)" + (", mean ± std band" if banded else ""))
   ax.set_title(title)
   ax.grid(alpha=0.3)
   ax.legend(fontsize="small", loc="lower left")
@@ -1232,10 +1233,10 @@ class Report:
     steps = ", ".join(f"{r['run']}: step {r['step']}" for r in self.runs)
     grouped = self.group_by != "run"
     if grouped:
-      by = ("method" if self.group_by == "method"
-            else "config fields " + ", ".join(self.group_by))
+      by = ("of each method" if self.group_by == "method"
+            else "sharing " + ", ".join(self.group_by))
       heading = (f"## Post-training quantization: top-1 accuracy (%), mean ± std"
-                 f" over the runs of each {by}")
+                 f" over the runs {by}")
     else:
       heading = "## Post-training quantization: top-1 accuracy (%)"
     lines = [

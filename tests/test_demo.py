@@ -15,7 +15,7 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHODS = ["none", "l1 λ=0.01", "l1 λ=0.03", "l2 λ=3", "dq β=0.001", "ste 3:3"]
+METHODS = ["none", "l1 λ=0.02", "l1 λ=0.05", "l2 λ=5", "dq β=0.01", "ste 3:2"]
 
 
 @pytest.mark.slow
