@@ -680,10 +680,12 @@ def _train_locked(config: ml_collections.ConfigDict,
         process_count=jax.process_count(), data_dir=config.data_dir or None,
         worker_count=config.worker_count)
     console(
-        "Training %s on %s: %d steps (%d epochs × %d), regularization %s from"
-        " step %d, %d device(s).", config.model, config.dataset,
-        plan.total_steps, config.num_epochs, plan.steps_per_epoch,
-        config.reg.kind, plan.reg_start_step, jax.device_count())
+        "Training %s on %s: %d steps (%d epochs × %d), %s, %d device(s).",
+        config.model, config.dataset, plan.total_steps, config.num_epochs,
+        plan.steps_per_epoch,
+        "no regularization" if plan.reg_start_step >= plan.total_steps
+        else f"regularization {config.reg.kind} from step {plan.reg_start_step}",
+        jax.device_count())
 
     pending: list[tuple[int, Metrics]] = []
     last_saved = latest
