@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> dict:
   p.add_argument("--datasets", default="digits,cifar10,imagenet2012")
   p.add_argument("--workers", default="0",
                  help="comma list of grain worker_count values")
-  p.add_argument("--batches", type=int, default=10, help="timed batches")
+  p.add_argument("--batches", type=int, default=30, help="timed batches")
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--num-examples", type=int, default=1024,

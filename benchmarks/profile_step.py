@@ -84,7 +84,8 @@ def classify(hlo: str) -> dict[str, tuple[str, str]]:
 def main(argv: list[str] | None = None) -> None:
   p = argparse.ArgumentParser(
       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--model", default="vgg")
+  p.add_argument("--model", default="vgg",
+                 help="digits, vgg, resnet18 or resnet18_imagenet")
   p.add_argument("--variant", default="plain")
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--top", type=int, default=10)
@@ -92,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--vgg-width", type=float, default=0.25)
   p.add_argument("--resnet-filters", type=int, default=16)
+  p.add_argument("--image-size", type=int, default=224)
   args = p.parse_args(argv)
 
   import jax  # pylint: disable=g-import-not-at-top
@@ -103,7 +105,8 @@ def main(argv: list[str] | None = None) -> None:
 
   sargs = step_time.parse_args(
       ["--batch", str(args.batch), "--vgg-width", str(args.vgg_width),
-       "--resnet-filters", str(args.resnet_filters)]
+       "--resnet-filters", str(args.resnet_filters),
+       "--image-size", str(args.image_size)]
       + [f"--option-set={s}" for s in args.option_set])
   setup = step_time.model_setup(args.model, sargs)
   mesh = train.data_mesh()
