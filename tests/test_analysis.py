@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from configs import digits
+from tiny_configs import tiny_digits
 from l1grad import analysis
 from l1grad import ptq
 from l1grad import train
@@ -215,11 +215,7 @@ def test_pearson_and_spearman():
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-  config = digits.get_config()
-  config.model_kwargs.width = 4
-  config.max_steps = 5
-  config.log_every_steps = 1
-  config.eval_every_epochs = -1
+  config = tiny_digits(num_epochs=30, max_steps=5)
   workdir = str(tmp_path_factory.mktemp("analysis") / "tiny")
   train.train_and_evaluate(config, workdir)
   return workdir

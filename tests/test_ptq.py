@@ -392,22 +392,11 @@ def test_variables_that_do_not_fit_the_model_are_a_checkpoint_error():
 
 
 def _train_digits(workdir, **overrides):
-  from configs import digits  # pylint: disable=g-import-not-at-top
   from l1grad import train  # pylint: disable=g-import-not-at-top
+  from tiny_configs import tiny_digits  # pylint: disable=g-import-not-at-top
 
-  config = digits.get_config()
-  config.model_kwargs.width = 4
-  config.num_epochs = 1
-  config.max_steps = 4
-  config.log_every_steps = 4
-  config.eval_every_epochs = -1
-  config.max_eval_examples = 64
-  for key, value in overrides.items():
-    *parents, leaf = key.split(".")
-    target = config
-    for p in parents:
-      target = target[p]
-    target[leaf] = value
+  config = tiny_digits(**{"num_epochs": 1, "max_steps": 4, "log_every_steps": 4,
+                          "max_eval_examples": 64, **overrides})
   train.train_and_evaluate(config, str(workdir))
   return str(workdir)
 

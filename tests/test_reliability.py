@@ -24,7 +24,7 @@ from l1grad import config_lib
 from l1grad import train
 from l1grad.errors import CheckpointError
 from l1grad.errors import WorkdirError
-from test_train import tiny_digits
+from tiny_configs import tiny_digits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="1")

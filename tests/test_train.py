@@ -13,31 +13,15 @@ import tensorflow_datasets as tfds
 
 from configs import cifar10_r18
 from configs import cifar10_vgg
-from configs import digits
 from configs import imagenet_r18
 from l1grad import checkpoint
 from l1grad import config_lib
 from l1grad import perturb
 from l1grad import quant
 from l1grad import train
+from tiny_configs import tiny_digits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_digits(**overrides):
-  config = digits.get_config()
-  config.model_kwargs.width = 4
-  config.num_epochs = 2
-  config.batch_size = 64
-  config.log_every_steps = 1
-  config.eval_every_epochs = -1
-  for key, value in overrides.items():
-    target = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      target = target[p]
-    target[leaf] = value
-  return config
 
 
 def _history(workdir):
@@ -173,7 +157,7 @@ def test_paper_configs_run_on_mock_tfds(tmp_path, module, model, dataset, kwargs
 _DEVICE_SCRIPT = r"""
 import sys, numpy as np, jax
 sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
-from test_train import tiny_digits
+from tiny_configs import tiny_digits
 from l1grad import train
 config = tiny_digits(max_steps=3, batch_size=16, **{{"reg.kind": "l1",
     "reg.weight_coef": 0.02, "reg.last_epochs": -1}})
