@@ -29,15 +29,18 @@ those XLA options; ``rpool`` is an experiment that traces the model with
 ties, same gradients) instead of ``lax.reduce_window``. Its ratio is taken
 to ``plain@`` with the same modifiers when that is measured.
 
-Per variant it reports the median step time, images/s, the ratio to
-``plain``, the compile time (trace + lower + compile), XLA's flop count of the
+Per variant it reports the median step time, its minimum, the process CPU
+time per step, images/s, the ratio to ``plain``, the compile time (trace + lower + compile), XLA's flop count of the
 optimised step (``compiled.cost_analysis()``, noise-free) and its memory
 (``compiled.memory_analysis()``): ``peak`` = argument + output − aliased
 (donated) + temp bytes, i.e. what the step holds at once beyond the code.
 
-Examples (the commands behind benchmarks/RESULTS.md):
+Examples (benchmarks/RESULTS.md lists the exact commands behind its tables):
   python benchmarks/step_time.py --models digits,vgg,resnet18 --peer
-  python benchmarks/step_time.py --imagenet --batch 8 --resnet-filters 32
+  python benchmarks/step_time.py --imagenet --batch 8 --resnet-filters 64 --peer
+  python benchmarks/step_time.py --models vgg,resnet18 --batch 128 \
+      --vgg-width 1 --resnet-filters 64 --compile-only
+  python benchmarks/step_time.py --models vgg --variants plain,l1_hvp,plain@rpool,l1_hvp@rpool
   python benchmarks/step_time.py --models vgg --xla-flags=--xla_cpu_use_onednn=true
 
 Writes ``benchmarks/results/<tag>.json`` and ``<tag>.md`` (``--out`` sets the
@@ -63,9 +66,7 @@ if ROOT not in sys.path:
 JAX_VARIANTS = ("plain", "plain_tracked", "l1_hvp", "l1_hvp_jvp",
                 "l1_reverse", "l1_fd", "l2_hvp", "dq", "ste")
 PEER_VARIANTS = ("torch_plain", "torch_l1")
-DEFAULT_VARIANTS = ("plain", "plain_tracked", "l1_hvp", "l1_hvp_jvp",
-                    "l1_reverse", "l1_fd", "l2_hvp", "dq", "ste")
-CIFAR_MODELS = ("digits", "vgg", "resnet18")
+DEFAULT_VARIANTS = JAX_VARIANTS
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -11,11 +11,17 @@ The gradient of the penalty is one Hessian-vector product: with z = (W, A),
 everywhere), and for ‖·‖₂ the tangent is λ·∇_z L / ‖∇_z L‖₂. Three ways to
 compute it:
 
-* ``"hvp"`` (default): forward-over-reverse, ``jax.jvp`` of the gradient along
-  the tangent; one gradient plus one HVP.
+* ``"hvp"`` (default): forward-over-reverse. ``jax.linearize`` of the
+  gradient function returns the gradient (∇_θ L, and ∇_W L, ∇_A L for the
+  norms) and the linear map v ↦ H·v from one pass; the tangent is computed
+  from that gradient on device and the map applied to it, so the primal
+  gradient is computed once: ~3× a plain step's flops (XLA's count), ~2.4×
+  its time on CPU (``benchmarks/RESULTS.md``). Needs about twice to 2.6×
+  the plain step's memory.
 * ``"reverse"``: ``jax.grad`` of a loss that calls ``jax.grad``; simplest,
-  slowest, most memory.
-* ``"finite_difference"``: H·t ≈ (∇L(z + r·t) − ∇L(z)) / r, two gradients.
+  slowest (6–8× a plain step on CPU), a cross-check for the others.
+* ``"finite_difference"``: H·t ≈ (∇L(z + r·t) − ∇L(z)) / r, two gradients
+  (2× the flops, ~1.8× the time, 1.1–1.5× the memory of a plain step).
   An approximation (to first order an ℓ∞ sharpness-aware step). Step rule:
   r = ``fd_step`` · (1 + ‖W‖₂) / ‖t‖₂, i.e. the probe point moves by a
   fraction ``fd_step`` of the kernels' norm, whatever λ is.
