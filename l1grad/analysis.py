@@ -425,9 +425,7 @@ def kl_divergence(
     float_logits: ArrayLike, quant_logits: ArrayLike, mask: ArrayLike | None = None
 ) -> jax.Array:
   """Mean over unmasked examples of KL(p_float ‖ p_quant), in nats (paper Fig. 2)."""
-  log_pf = jax.nn.log_softmax(jnp.asarray(float_logits, jnp.float32))
-  log_pq = jax.nn.log_softmax(jnp.asarray(quant_logits, jnp.float32))
-  kl = jnp.sum(jnp.exp(log_pf) * (log_pf - log_pq), axis=-1)
+  kl = ptq.kl_per_example(float_logits, quant_logits)
   if mask is None:
     return jnp.mean(kl)
   m = jnp.asarray(mask, jnp.float32)

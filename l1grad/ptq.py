@@ -208,16 +208,20 @@ class PairStats(NamedTuple):
   count: int
 
 
+def kl_per_example(float_logits: ArrayLike, logits: ArrayLike) -> jax.Array:
+  """KL(p_float ‖ p) per example, in nats, from the two models' logits."""
+  log_pf = jax.nn.log_softmax(jnp.asarray(float_logits, jnp.float32))
+  log_p = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32))
+  return jnp.sum(jnp.exp(log_pf) * (log_pf - log_p), axis=-1)
+
+
 def _masked_stats(
     logits: jax.Array, float_logits: jax.Array, labels: jax.Array, mask: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
   """Sum over unpadded examples of correct predictions and KL(p_float ‖ p)."""
   mask = mask.astype(jnp.float32)
   correct = jnp.sum((jnp.argmax(logits, -1) == labels) * mask)
-  log_p = jax.nn.log_softmax(logits.astype(jnp.float32))
-  log_pf = jax.nn.log_softmax(float_logits.astype(jnp.float32))
-  kl = jnp.sum(jnp.exp(log_pf) * (log_pf - log_p), axis=-1)
-  return correct, jnp.sum(kl * mask)
+  return correct, jnp.sum(kl_per_example(float_logits, logits) * mask)
 
 
 class Evaluator:
