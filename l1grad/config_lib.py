@@ -13,14 +13,16 @@ import jax
 import ml_collections
 
 from l1grad import bits as bits_lib
+from l1grad import data
 from l1grad import models
+from l1grad import penalty
 from l1grad.errors import ConfigError
 
 REG_KINDS = ("none", "l1", "l2", "dq")
-REG_METHODS = ("hvp", "reverse", "finite_difference")
+REG_METHODS = penalty.METHODS
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
-DATASETS = ("digits", "cifar10", "imagenet2012")
+DATASETS = data.DATASETS
 
 # Fields that do not change what a run computes: a resumed run may differ in
 # these from the run that wrote the checkpoint.
@@ -80,21 +82,19 @@ def _fail(field: str, problem: str, fix: str) -> None:
   raise ConfigError(f"config.{field}: {problem} {fix}")
 
 
+def _check_choice(field: str, value: object, choices: tuple[str, ...],
+                  what: str) -> None:
+  if value not in choices:
+    _fail(field, f"unknown {what} {value!r}.", f"Use one of {', '.join(choices)}.")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks a training config; raises :class:`ConfigError` on the first problem."""
-  if config.dataset not in DATASETS:
-    _fail("dataset", f"unknown dataset {config.dataset!r}.",
-          f"Use one of {', '.join(DATASETS)}.")
-  if config.model not in models.MODEL_NAMES:
-    _fail("model", f"unknown model {config.model!r}.",
-          f"Use one of {', '.join(models.MODEL_NAMES)}.")
+  _check_choice("dataset", config.dataset, DATASETS, "dataset")
+  _check_choice("model", config.model, models.MODEL_NAMES, "model")
   reg = config.reg
-  if reg.kind not in REG_KINDS:
-    _fail("reg.kind", f"unknown regularization {reg.kind!r}.",
-          f"Use one of {', '.join(REG_KINDS)}.")
-  if reg.method not in REG_METHODS:
-    _fail("reg.method", f"unknown method {reg.method!r}.",
-          f"Use one of {', '.join(REG_METHODS)}.")
+  _check_choice("reg.kind", reg.kind, REG_KINDS, "regularization")
+  _check_choice("reg.method", reg.method, REG_METHODS, "method")
   if reg.weight_coef < 0:
     _fail("reg.weight_coef", f"is negative ({reg.weight_coef}).",
           "Coefficients must be >= 0 (0 switches the term off).")
@@ -120,12 +120,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
       bits_lib.parse_pair(config.qat.bits)
     except ConfigError as e:
       raise ConfigError(f"config.qat.bits: {e}") from None
-  if config.optimizer not in OPTIMIZERS:
-    _fail("optimizer", f"unknown optimizer {config.optimizer!r}.",
-          f"Use one of {', '.join(OPTIMIZERS)}.")
-  if config.schedule not in SCHEDULES:
-    _fail("schedule", f"unknown schedule {config.schedule!r}.",
-          f"Use one of {', '.join(SCHEDULES)}.")
+  _check_choice("optimizer", config.optimizer, OPTIMIZERS, "optimizer")
+  _check_choice("schedule", config.schedule, SCHEDULES, "schedule")
   if config.learning_rate <= 0:
     _fail("learning_rate", f"must be positive, got {config.learning_rate}.",
           "Set a positive peak learning rate.")
