@@ -6,7 +6,12 @@ r"""Post-training quantization of trained runs: the paper's table at every bit-w
       [--export 4:4 --export_dir exported/digits_w4a4]
 
 Writes ptq.json, ptq.md, ptq.csv and ptq.png into --out (default: the first
---workdir) and prints the table. With --group_by method (or config fields),
+--workdir) and prints the table. An earlier report there is not lost: its files
+are renamed ptq.<UTC time it was written>.* (e.g. ptq.20250131-142501.json) and
+the command says so; --overwrite replaces it instead, and a rerun with the same
+results simply rewrites it. --export without --bits is an export only: no sweep,
+no report written (the earlier report stays as it is); --export with --bits
+sweeps, reports and exports. With --group_by method (or config fields),
 runs that differ only in their seed share a row: mean ± std over them, and the
 plot draws the spread as a band. A run whose float accuracy is near chance is
 flagged "collapsed" in every table. The logic is in l1grad.ptq and
@@ -57,10 +62,16 @@ _BATCH_SIZE = flags.DEFINE_integer(
     "batch_size", None, "Evaluation batch size (default: the run's config).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _EXPORT = flags.DEFINE_string(
-    "export", None, "Also export the integer model at this W:A pair (needs --export_dir).")
+    "export", None,
+    "Export the integer model at this W:A pair (needs --export_dir). Without"
+    " --bits this is all the command does: no sweep, no report.")
 _EXPORT_DIR = flags.DEFINE_string(
     "export_dir", None,
     "Where --export writes (one subfolder per run when there are several --workdir).")
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False,
+    "Replace an earlier ptq.* report in --out instead of keeping it as"
+    " ptq.<UTC time>.*.")
 
 
 def _settings() -> ptq.Settings:
@@ -76,6 +87,30 @@ def _settings() -> ptq.Settings:
   )
 
 
+def _export(prepared_runs, pair, settings) -> None:
+  several = len(prepared_runs) > 1
+  for prepared in prepared_runs:
+    out = (os.path.join(_EXPORT_DIR.value, prepared.label) if several
+           else _EXPORT_DIR.value)
+    _, summary = export.export_run(prepared.workdir, pair, out, settings,
+                                   prepared=prepared)
+    print(summary)
+
+
+def _report_note(report: ptq.Report) -> str | None:
+  """Says what happened to an earlier report in the output folder, if any."""
+  if report.kept:
+    moves = ", ".join(f"{os.path.basename(old)} -> {os.path.basename(new)}"
+                      for old, new in report.kept.items())
+    folder = os.path.dirname(next(iter(report.kept)))
+    return (f"Kept the earlier report in {folder}: {moves}"
+            " (--overwrite replaces it instead).")
+  if report.replaced:
+    why = "--overwrite" if _OVERWRITE.value else "same results as this one"
+    return f"Replaced the earlier report {', '.join(report.replaced)} ({why})."
+  return None
+
+
 def _run() -> None:
   if not _WORKDIR.value:
     raise ConfigError("Pass at least one --workdir (a directory train.py wrote).")
@@ -86,20 +121,23 @@ def _run() -> None:
     export_pair = bits.parse_pair(_EXPORT.value)
     if not _EXPORT_DIR.value:
       raise ConfigError("--export needs --export_dir, the folder to write the integer model to.")
+  if export_pair is not None and not flags.FLAGS["bits"].present:
+    print("Export only (no --bits given): no PTQ sweep, no report written.", flush=True)
+    labels = ptq._run_labels(_WORKDIR.value)  # pylint: disable=protected-access
+    _export([ptq.prepare_run(w, settings, label=label)
+             for w, label in zip(_WORKDIR.value, labels)], export_pair, settings)
+    return
   report = ptq.evaluate(_WORKDIR.value, settings, out_dir=_OUT.value,
                         progress=lambda line: print(line, flush=True),
-                        group_by=group_by)
+                        group_by=group_by, overwrite=_OVERWRITE.value)
   print()
   print(report.markdown)
   print("Wrote " + ", ".join(report.files[k] for k in sorted(report.files)))
+  note = _report_note(report)
+  if note:
+    print(note)
   if export_pair is not None:
-    several = len(report.prepared) > 1
-    for prepared in report.prepared:
-      out = (os.path.join(_EXPORT_DIR.value, prepared.label) if several
-             else _EXPORT_DIR.value)
-      _, summary = export.export_run(prepared.workdir, export_pair, out, settings,
-                                     prepared=prepared)
-      print(summary)
+    _export(report.prepared, export_pair, settings)
 
 
 def main(argv):

@@ -3,15 +3,21 @@ r"""Trains a model, with or without quantization-robustness regularization.
   python train.py --config configs/digits.py --workdir runs/digits \
       [--config.reg.kind=l1 --config.reg.weight_coef=0.05 ...]
 
-Rerunning the same command resumes from the latest checkpoint. SIGTERM saves
-a checkpoint at the current step and exits 0.
+Rerunning the same command resumes from the latest checkpoint. SIGTERM (what
+a scheduler sends before it kills a job) and Ctrl-C (SIGINT) finish the
+current step, save a checkpoint there and stop; a second Ctrl-C stops at once
+without saving. Every field of the config is documented in configs/default.py.
 
 Exit codes: 0 done (or stopped by SIGTERM after saving); 1 training diverged
 (a non-finite loss or gradient; the message names the step, the loss parts
 and the last good checkpoint); 2 bad input (flags, config, data, workdir or
-checkpoint), reported as one ``error: ...`` paragraph without a traceback.
+checkpoint), reported as one ``error: ...`` paragraph without a traceback;
+3 a multi-process run lost a process (restart all of them to resume);
+130 stopped by Ctrl-C after saving (a second Ctrl-C: 130 without saving).
 """
 
+import os
+import signal
 import sys
 
 from absl import app
@@ -20,21 +26,46 @@ from absl import logging
 import ml_collections
 from ml_collections import config_flags
 
+from l1grad import distributed
 from l1grad import train
 from l1grad.errors import UserError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and logs go.")
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "A config file from configs/.", lock_config=True)
+    "config", None,
+    "A config file from configs/ (e.g. configs/digits.py). Every field, with"
+    " its meaning and default, is listed in configs/default.py; override one"
+    " with --config.<field>=<value>, e.g. --config.reg.weight_coef=0.05.",
+    lock_config=True)
 _MULTIHOST = flags.DEFINE_bool(
     "multihost", False,
-    "Call jax.distributed.initialize() first: one process per host of a"
-    " multi-host cluster (it reads the coordinator address, process count and"
-    " id from the cluster's environment, e.g. SLURM or Cloud TPU).")
+    "One process of a multi-process run (one per host, usually): joins the"
+    " others through jax.distributed first. The coordinator address, process"
+    " count and id come from the three flags below or, where not given, from"
+    " JAX's cluster auto-detection (SLURM srun, Cloud TPU / GKE TPU pods,"
+    " Open MPI mpirun). See README, 'Several devices and hosts'.")
+_COORDINATOR_ADDRESS = flags.DEFINE_string(
+    "coordinator_address", None,
+    "With --multihost: HOST:PORT of process 0, the same on every process"
+    " (default: $JAX_COORDINATOR_ADDRESS or the detected cluster's).")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None,
+    "With --multihost: the number of processes (default: the detected"
+    " cluster's).")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None,
+    "With --multihost: this process's id, 0 to --num_processes - 1 (default:"
+    " the detected cluster's).")
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    "heartbeat_timeout_seconds", None,
+    "With --multihost: after how many seconds without a heartbeat a process"
+    " counts as dead and the others stop (default: JAX's, 100).", lower_bound=1)
 flags.mark_flags_as_required(["config", "workdir"])
 
 EXIT_DIVERGED = 1
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 128 + signal.SIGINT
+EXIT_PEER_LOST = 3
 
 
 def _bad_input(message: str) -> None:
@@ -97,9 +128,20 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax's INFO logs bury progress.
   config = _loaded_config()
+  cluster_flags = (_COORDINATOR_ADDRESS, _NUM_PROCESSES, _PROCESS_ID)
   if _MULTIHOST.value:
-    import jax  # pylint: disable=g-import-not-at-top
-    jax.distributed.initialize()
+    try:
+      distributed.initialize(
+          *(f.value for f in cluster_flags),
+          heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value)
+    except UserError as e:
+      _bad_input(str(e))
+  elif given := [f"--{f.name}" for f in (*cluster_flags, _HEARTBEAT_TIMEOUT)
+                 if f.value is not None]:
+    _bad_input(
+        f"{'/'.join(given)} {'applies' if len(given) == 1 else 'apply'} only"
+        " to a multi-process run: add --multihost (and start one"
+        " process per --process_id), or drop them for a single process.")
   try:
     train.train_and_evaluate(config, _WORKDIR.value)
   except UserError as e:
@@ -107,6 +149,22 @@ def main(argv):
   except train.TrainingDivergedError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(EXIT_DIVERGED)
+  except train.TrainingInterrupted:
+    # The trainer saved and said how to resume; 128 + SIGINT as shells do.
+    sys.exit(EXIT_INTERRUPTED)
+  except Exception as e:  # pylint: disable=broad-except
+    import jax  # pylint: disable=g-import-not-at-top
+    if not (_MULTIHOST.value and isinstance(e, jax.errors.JaxRuntimeError)):
+      raise
+    # A collective failed: almost always another process died. JAX's exit
+    # handler would wait out the heartbeat timeout and abort with a C++
+    # stack; the checkpoints on disk are all a restart needs.
+    print(f"error: process {jax.process_index()} lost its peers"
+          f" ({type(e).__name__}: {str(e).strip().splitlines()[0][:300]})."
+          " Another process of this run probably died. Restart every"
+          " process with the same command: training resumes from the last"
+          " checkpoint.", file=sys.stderr, flush=True)
+    os._exit(EXIT_PEER_LOST)
 
 
 if __name__ == "__main__":

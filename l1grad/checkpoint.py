@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 from l1grad.errors import CheckpointError
@@ -62,8 +63,13 @@ def manager(workdir: str, *, keep: int = 3, read_only: bool = False
       # A kill mid-save leaves a temporary folder behind; it is never read,
       # only wasted space, so the next writer removes it.
       cleanup_tmp_directories=not read_only)
+  # Handlers named up front (not inferred at the first save or restore), so
+  # the state's metadata (shapes, dtypes) can be read before restoring it.
+  handlers = {"state": ocp.StandardCheckpointHandler(),
+              "config": ocp.JsonCheckpointHandler(),
+              "metrics": ocp.JsonCheckpointHandler()}
   return ocp.CheckpointManager(
-      checkpoint_dir(workdir), options=options, item_names=ITEMS)
+      checkpoint_dir(workdir), options=options, item_handlers=handlers)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: dict[str, Any],
@@ -77,16 +83,55 @@ def save(mngr: ocp.CheckpointManager, step: int, state: dict[str, Any],
   ), force=True)
 
 
+def reader_sharding() -> jax.sharding.Sharding:
+  """Where :func:`restore` without a target puts arrays, on this machine.
+
+  A checkpoint records the device mesh it was saved from (e.g. 8 devices,
+  axis ``data``); restoring onto that recorded mesh fails on any other
+  device count, and even on the same count hands back arrays on a mesh with
+  ``Explicit`` axis types that eager JAX code cannot use. Readers get plain
+  arrays instead: on the default device in a single process (what
+  ``jnp.asarray`` gives), replicated over every device (``Auto`` axes) in a
+  multi-process job, where arrays must be global.
+  """
+  if jax.process_count() == 1:
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  mesh = jax.sharding.Mesh(
+      np.asarray(jax.devices()), ("replica",),
+      axis_types=(jax.sharding.AxisType.Auto,))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def _abstract_state(mngr: ocp.CheckpointManager, step: int) -> Any:
+  """The stored state's shapes and dtypes, placed by :func:`reader_sharding`."""
+  metadata = mngr.metadata(step).item_metadata["state"]
+  if metadata is None:
+    raise ValueError(f"no state metadata in step {step}")
+  tree = getattr(metadata, "tree", metadata)
+  sharding = reader_sharding()
+
+  def leaf(m: Any) -> Any:
+    if isinstance(m, ocp.metadata.ArrayMetadata):
+      return jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding)
+    return m
+
+  return jax.tree.map(leaf, tree)
+
+
 def restore(mngr: ocp.CheckpointManager, step: int, target: Any | None
             ) -> tuple[Any, ml_collections.ConfigDict, list[dict[str, Any]]]:
   """Restores ``(state, config, history)``; ``target`` gives shapes/shardings.
 
+  Without ``target`` (readers: evaluation, analysis, export), the shapes and
+  dtypes come from the checkpoint's metadata and the arrays are placed by
+  :func:`reader_sharding`, whatever device count saved the checkpoint.
+
   Raises:
     CheckpointError: the step is unreadable or does not match ``target``.
   """
-  abstract = None if target is None else jax.tree.map(
-      ocp.utils.to_shape_dtype_struct, target)
   try:
+    abstract = (_abstract_state(mngr, step) if target is None else
+                jax.tree.map(ocp.utils.to_shape_dtype_struct, target))
     restored = mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract),
         config=ocp.args.JsonRestore(),

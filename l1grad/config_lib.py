@@ -101,6 +101,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if reg.act_coef < 0 and reg.act_coef != -1:
     _fail("reg.act_coef", f"is negative ({reg.act_coef}).",
           "Use a value >= 0, or -1 for 'same as reg.weight_coef'.")
+  if reg.kind == "none":
+    # A coefficient without a kind is a forgotten flag, not a choice.
+    ignored = [f"reg.{f}={reg[f]}" for f, off in (("weight_coef", (0,)),
+                                                   ("act_coef", (0, -1)))
+               if reg[f] not in off]
+    if ignored:
+      _fail("reg.kind", f"is 'none', so {' and '.join(ignored)} would be"
+            " silently ignored.", "Set --config.reg.kind=l1 (or l2, dq) to"
+            " regularize, or --config.reg.weight_coef=0 (and"
+            " --config.reg.act_coef=-1) for an unregularized run.")
   if reg.fd_step <= 0:
     _fail("reg.fd_step", f"must be positive, got {reg.fd_step}.",
           "The default 1e-3 suits float32.")

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping
@@ -45,8 +46,10 @@ __all__ = [
     "DATASETS",
     "DatasetInfo",
     "DatasetNotFoundError",
+    "InputNormalization",
     "eval_batches",
     "get_info",
+    "input_normalization",
     "steps_per_epoch",
     "train_batches",
 ]
@@ -130,13 +133,8 @@ _CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
 
 @functools.lru_cache(maxsize=1)
-def _digits_splits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
-  """Loads digits once: {"train"|"test": (images [N,8,8,1] f32, labels [N] i32)}.
-
-  Pixels are scaled by 1/16 (their range is 0..16) and standardised with the
-  mean and std of the training split, computed here from the fixed split so
-  the constants can never drift from the data.
-  """
+def _digits_scaled() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """Digits pixels / 16 (their range is 0..16), split: x_train, x_test, y_train, y_test."""
   # Imported lazily: only this dataset needs scikit-learn.
   from sklearn import datasets as sk_datasets  # pylint: disable=g-import-not-at-top
   from sklearn import model_selection  # pylint: disable=g-import-not-at-top
@@ -144,9 +142,20 @@ def _digits_splits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
   digits = sk_datasets.load_digits()
   images = digits.images.astype(np.float32) / 16.0
   labels = digits.target.astype(np.int32)
-  x_train, x_test, y_train, y_test = model_selection.train_test_split(
+  return tuple(model_selection.train_test_split(
       images, labels, test_size=360, stratify=labels, random_state=0
-  )
+  ))
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_splits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """Loads digits once: {"train"|"test": (images [N,8,8,1] f32, labels [N] i32)}.
+
+  Pixels are scaled by 1/16 (their range is 0..16) and standardised with the
+  mean and std of the training split, computed here from the fixed split so
+  the constants can never drift from the data.
+  """
+  x_train, x_test, y_train, y_test = _digits_scaled()
   mean, std = x_train.mean(), x_train.std()
   out = {}
   for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
@@ -209,12 +218,17 @@ def _tfds_source(name: str, split: str, data_dir: str | None) -> Any:
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
+  # tfds warns about a missing variant folder before failing; the error below
+  # says the same with the command that fixes it.
+  absl_logger = logging.getLogger("absl")
+  absl_logger.addFilter(_drop_missing_variant_warning)
   try:
     # download=False: tfds would otherwise try to build the dataset here,
     # which needs TensorFlow and, for ImageNet, a manual download.
     return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
   except (
       NotImplementedError,  # No ArrayRecord files (tfds' message for "absent").
+      KeyError,  # tfds 4.9.10 with the default data_dir: "splits is empty".
       AssertionError,
       ValueError,
       FileNotFoundError,
@@ -232,6 +246,12 @@ def _tfds_source(name: str, split: str, data_dir: str | None) -> Any:
         + _prepare_instructions(name, resolved)
         + detail
     ) from e
+  finally:
+    absl_logger.removeFilter(_drop_missing_variant_warning)
+
+
+def _drop_missing_variant_warning(record: logging.LogRecord) -> bool:
+  return not str(record.msg).startswith("Variant folder ")
 
 
 def _spec(name: str) -> _Spec:
@@ -530,6 +550,61 @@ def get_info(name: str, *, data_dir: str | None = None) -> DatasetInfo:
       num_train=len(_source(name, "train", data_dir)),
       num_test=len(_source(name, "test", data_dir)),
   )
+
+
+@dataclasses.dataclass(frozen=True)
+class InputNormalization:
+  """How the pipeline turns a raw image into model input (evaluation path).
+
+  ``input = (float32(raw) - mean * pixel_max) / (std * pixel_max)`` per
+  channel, each product rounded to float32: bit for bit what
+  ``eval_batches`` feeds the model, for a raw image already at the model's
+  size (ImageNet: shorter side resized to 256, central 224x224 crop).
+
+  Attributes:
+    dataset: Dataset name.
+    raw: What a raw image is: source, dtype, range and shape.
+    pixel_max: Raw pixels lie in ``[0, pixel_max]``.
+    mean: Per-channel mean on the ``[0, 1]`` scale (one value: every channel).
+    std: Per-channel standard deviation on the ``[0, 1]`` scale.
+    image_shape: Model input (height, width, channels).
+  """
+
+  dataset: str
+  raw: str
+  pixel_max: float
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+  image_shape: tuple[int, int, int]
+
+  def to_json(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+def input_normalization(name: str) -> InputNormalization:
+  """The input normalisation of dataset ``name`` (see :class:`InputNormalization`).
+
+  Raises:
+    errors.ConfigError: (a ValueError) Unknown dataset name.
+  """
+  shape = _spec(name).image_shape
+  if name == "digits":
+    x_train = _digits_scaled()[0]
+    # The same float32 statistics _digits_splits standardises with.
+    return InputNormalization(
+        name, "sklearn.datasets.load_digits().images: pixel values 0..16 (any"
+        " numeric dtype), shape [N, 8, 8] or [N, 8, 8, 1]", 16.0,
+        (float(x_train.mean()),), (float(x_train.std()),), shape)
+  if name == "cifar10":
+    return InputNormalization(
+        name, "uint8 RGB 0..255, shape [N, 32, 32, 3]", 255.0, _CIFAR10_MEAN,
+        _CIFAR10_STD, shape)
+  if name == "imagenet2012":
+    return InputNormalization(
+        name, f"uint8 RGB 0..255, shape [N, {_IMAGENET_SIZE}, {_IMAGENET_SIZE}, 3]:"
+        f" shorter side resized to {_IMAGENET_RESIZE} (bilinear), central crop", 255.0,
+        _IMAGENET_MEAN, _IMAGENET_STD, shape)
+  raise errors.ConfigError(f"No input normalisation recorded for {name!r} (add it here).")
 
 
 def steps_per_epoch(

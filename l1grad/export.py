@@ -10,13 +10,18 @@ pair, as two files in a directory:
 * ``manifest.json``: format version, model name, ``num_classes`` and keyword
   arguments, bit-widths, which layers have batch norm folded in, activation
   ranges (and how they were obtained) for every quantized activation, the
-  storage of each kernel, and the source run's config and step.
+  storage of each kernel, the input preprocessing (``preprocessing``: raw
+  pixel range and the per-channel mean/std the training pipeline normalised
+  with, :class:`l1grad.data.InputNormalization`), and the source run's
+  config and step.
 
 :func:`load_exported` rebuilds the model with :func:`l1grad.models.get_model`,
 dequantizes the kernels (``codes * scale``, the very float32 values the
 fake-quantized sweep computes) and runs it through
 :func:`l1grad.ptq.quantized_apply`, the sweep's own forward pass, so its
-logits equal the fake-quantized ones.
+logits equal the fake-quantized ones. It takes raw images (e.g. digits pixels
+0..16, CIFAR-10 uint8) and normalises them as training did; see
+:meth:`ExportedModel.__call__`.
 
 Codes follow the paper's symmetric grid: ``[-(2^(b-1)-1), 2^(b-1)-1]``, so a
 4-bit code fits a signed nibble.
@@ -28,7 +33,7 @@ import dataclasses
 import json
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax
 import flax.linen as nn
@@ -42,6 +47,9 @@ from l1grad import errors
 from l1grad import penalty
 from l1grad import ptq
 from l1grad import quant
+
+if TYPE_CHECKING:
+  from l1grad import data
 
 __all__ = [
     "ExportInfo",
@@ -58,6 +66,10 @@ FORMAT = "l1grad.export/1"
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.npz"
 _SEP = "/"
+# How a manifest's "preprocessing" turns raw images into model input; the
+# same float32 arithmetic as l1grad.data's pipeline (bit for bit).
+PREPROCESSING_FORMULA = ("input = (float32(raw) - mean * pixel_max) / (std * pixel_max),"
+                         " per channel, each product rounded to float32")
 
 
 # ---------------------------------------------------------------------------
@@ -174,6 +186,25 @@ class ExportInfo:
     return "; ".join(parts) + "."
 
 
+def _preprocessing_json(preprocessing: Any) -> dict[str, Any] | None:
+  """The manifest's ``preprocessing`` entry, checked; None stays None."""
+  if preprocessing is None:
+    return None
+  spec = dict(preprocessing.to_json() if hasattr(preprocessing, "to_json") else preprocessing)
+  try:
+    mean = [float(m) for m in spec["mean"]]
+    std = [float(s) for s in spec["std"]]
+    pixel_max = float(spec["pixel_max"])
+  except (KeyError, TypeError, ValueError) as e:
+    raise ValueError(f"preprocessing needs pixel_max, mean and std; got {spec}") from e
+  if not mean or len(mean) != len(std) or min(std) <= 0 or pixel_max <= 0:
+    raise ValueError(f"preprocessing: bad mean/std/pixel_max {mean}, {std}, {pixel_max}")
+  spec.update(pixel_max=pixel_max, mean=mean, std=std, formula=PREPROCESSING_FORMULA)
+  if spec.get("image_shape") is not None:
+    spec["image_shape"] = [int(d) for d in spec["image_shape"]]
+  return spec
+
+
 def _nbytes(tree: Any) -> int:
   return int(sum(np.asarray(x).size * 4 for x in jax.tree_util.tree_leaves(tree)))
 
@@ -193,6 +224,7 @@ def export_model(
     metadata: Mapping[str, Any] | None = None,
     float_bytes: int | None = None,
     check_images: ArrayLike | None = None,
+    preprocessing: data.InputNormalization | Mapping[str, Any] | None = None,
 ) -> ExportInfo:
   """Writes the integer model for one (W, A) pair.
 
@@ -212,14 +244,20 @@ def export_model(
     float_bytes: Size of the float model for the summary; default the size
       of ``variables``.
     check_images: If given, the exported model is loaded back and its logits
-      on these images compared with the fake-quantized ones
-      (``ExportInfo.max_abs_diff``).
+      on these images (model input, i.e. already normalised) compared with
+      the fake-quantized ones (``ExportInfo.max_abs_diff``).
+    preprocessing: How raw images become model input
+      (:func:`l1grad.data.input_normalization`, or its ``to_json()``), so
+      that the loaded model takes raw images. ``None`` records
+      ``"preprocessing": null``: the loaded model then runs on its input
+      as given.
 
   Returns:
     Sizes and the check result.
   """
   bits_lib.check_bits(w_bits, "weight bits")
   bits_lib.check_bits(a_bits, "activation bits")
+  preprocessing_json = _preprocessing_json(preprocessing)
   folded = isinstance(variables, quant.FoldedVariables)
   params = variables.params if folded else variables["params"]
   state = variables.state if folded else {k: v for k, v in variables.items() if k != "params"}
@@ -263,6 +301,7 @@ def export_model(
       "folded": folds,
       "act_ranges": act_ranges,
       "activation_ranges": {k: [float(lo), float(hi)] for k, (lo, hi) in ranges.items()},
+      "preprocessing": preprocessing_json,
       **({"source": dict(metadata)} if metadata else {}),
   }
   os.makedirs(out_dir, exist_ok=True)
@@ -280,7 +319,7 @@ def export_model(
     want = ptq.cached_evaluator(model, per_channel).quantized_logits(
         variables, ptq.range_tree(ranges), jnp.int32(w_bits), jnp.int32(a_bits),
         jnp.asarray(check_images))
-    got = exported(check_images)
+    got = exported(check_images, normalized=True)
     info.max_abs_diff = float(jnp.max(jnp.abs(got - want)))
   return info
 
@@ -295,7 +334,8 @@ class ExportedModel:
 
   Calling it runs the model with dequantized integer weights and
   fake-quantized activations (jitted), i.e. the arithmetic of an integer
-  kernel: ``(codes_w * s_w) · (codes_a * s_a) + bias``.
+  kernel: ``(codes_w * s_w) · (codes_a * s_a) + bias``. It takes raw images
+  and normalises them as training did (see :meth:`__call__`).
 
   Attributes:
     model: The rebuilt linen model.
@@ -306,10 +346,14 @@ class ExportedModel:
     ranges: Activation ranges ``{key: (low, high)}``.
     w_bits: Weight bit-width.
     a_bits: Activation bit-width.
+    preprocessing: The manifest's input preprocessing (``raw``,
+      ``pixel_max``, ``mean``, ``std``, ``image_shape``), or None.
+    path: The export directory, if loaded from one.
   """
 
   def __init__(self, model: nn.Module, manifest: Mapping[str, Any], variables: Any,
-               codes: dict[str, np.ndarray], scales: dict[str, np.ndarray]):
+               codes: dict[str, np.ndarray], scales: dict[str, np.ndarray],
+               path: str | None = None):
     self.model = model
     self.manifest = dict(manifest)
     self.variables = variables
@@ -318,6 +362,10 @@ class ExportedModel:
     self.ranges = {k: (lo, hi) for k, (lo, hi) in manifest["activation_ranges"].items()}
     self.w_bits = int(manifest["w_bits"])
     self.a_bits = int(manifest["a_bits"])
+    self.preprocessing = manifest.get("preprocessing")
+    self.path = path
+    # Exports written before l1grad recorded the preprocessing lack the key.
+    self._predates_preprocessing = "preprocessing" not in manifest
     range_tree = ptq.range_tree(self.ranges)
     a_bits = jnp.int32(self.a_bits)
 
@@ -327,13 +375,105 @@ class ExportedModel:
 
     self._run = run
 
-  def __call__(self, images: ArrayLike) -> jax.Array:
-    """Logits of the integer model on a batch of images."""
+  def __call__(self, images: ArrayLike, *, normalized: bool = False) -> jax.Array:
+    """Logits of the integer model on a batch of images.
+
+    Args:
+      images: A batch of raw images, as the manifest's
+        ``preprocessing["raw"]`` describes: digits
+        ``sklearn.datasets.load_digits().images`` (pixel values 0..16, any
+        numeric dtype, ``[N, 8, 8]`` or ``[N, 8, 8, 1]``); CIFAR-10 uint8
+        RGB ``[N, 32, 32, 3]``; ImageNet uint8 RGB ``[N, 224, 224, 3]``
+        (shorter side resized to 256, central crop). They are normalised
+        exactly as training normalised them (:meth:`normalize`).
+      normalized: The images are already model input (float32, normalised
+        as training did, e.g. the ``"image"`` of
+        :func:`l1grad.data.eval_batches`): run on them as given.
+
+    Exports with ``"preprocessing": null`` (:func:`export_model` called
+    without one) run on their input as given, whatever ``normalized``.
+    Exports written before l1grad recorded the preprocessing (no
+    ``preprocessing`` key in the manifest) cannot normalise: they need
+    ``normalized=True`` and raise otherwise, never guessing.
+
+    Returns:
+      Float32 logits ``[N, num_classes]``.
+
+    Raises:
+      errors.UserError: Raw images out of range or of the wrong shape, or
+        raw images for an export that predates recorded preprocessing.
+    """
+    if not normalized and (self.preprocessing is not None or self._predates_preprocessing):
+      images = self.normalize(images)
     return self._run(self.variables, jnp.asarray(images))
+
+  def normalize(self, images: ArrayLike) -> np.ndarray:
+    """Raw images to model input: the manifest's preprocessing, in numpy float32.
+
+    ``(float32(raw) - mean * pixel_max) / (std * pixel_max)`` per channel, the
+    training pipeline's own arithmetic (bit-identical input). A ``[N, H, W]``
+    batch gets a channel axis when the model takes one channel.
+
+    Raises:
+      errors.UserError: No preprocessing recorded, values outside
+        ``[0, pixel_max]`` (e.g. images already normalised) or a shape that is
+        not ``[N, H, W, C]`` of the model's input.
+    """
+    spec = self.preprocessing
+    where = self.path or "This export"
+    if spec is None:
+      if self._predates_preprocessing:
+        source = self.manifest.get("source") or {}
+        redo = (f" python eval_ptq.py --workdir {source['workdir']} --export"
+                f" {self.w_bits}:{self.a_bits} --export_dir {self.path or 'DIR'}"
+                if "workdir" in source else " eval_ptq.py --export")
+        raise errors.UserError(
+            f"{where} records no input preprocessing (it was exported before l1grad"
+            " recorded it), so raw images cannot be normalised. Pass model input"
+            " normalised as in training with model(images, normalized=True), or"
+            f" re-export to record it:{redo}")
+      raise errors.UserError(
+          f"{where} was exported without preprocessing (\"preprocessing\": null): it"
+          " runs on its input as given; there is nothing to normalise with.")
+    x = np.asarray(images)
+    shape = tuple(spec["image_shape"]) if spec.get("image_shape") else None
+    if shape is not None:
+      if x.ndim == 3 and shape[-1] == 1 and x.shape[1:] == shape[:2]:
+        x = x[..., None]
+      if x.shape[1:] != shape or x.ndim != 4:
+        raise errors.UserError(
+            f"Expected a batch of raw images [N, {', '.join(map(str, shape))}]"
+            f" ({spec.get('raw', 'raw pixels')}); got shape {list(x.shape)}.")
+    pixel_max = np.float32(spec["pixel_max"])
+    if x.size:
+      lo, hi = float(np.min(x)), float(np.max(x))
+      if lo < 0 or hi > pixel_max:
+        raise errors.UserError(
+            f"Raw pixel values must lie in [0, {pixel_max:g}] ({spec.get('raw', 'raw pixels')});"
+            f" got [{lo:g}, {hi:g}]. For images already normalised as in training,"
+            " call model(images, normalized=True).")
+    mean = np.asarray(spec["mean"], np.float32) * pixel_max
+    std = np.asarray(spec["std"], np.float32) * pixel_max
+    return (x.astype(np.float32) - mean) / std
 
 
 def load_exported(path: str, *, model: nn.Module | None = None) -> ExportedModel:
   """Loads a directory written by :func:`export_model`.
+
+  Example (digits)::
+
+    model = export.load_exported("exported/digits")
+    logits = model(load_digits().images)   # raw pixels 0..16, [N, 8, 8]
+    logits = model(batch["image"], normalized=True)  # l1grad.data's input
+
+  The returned model takes **raw images** by default (dtype, range and shape
+  in ``manifest["preprocessing"]["raw"]``: digits pixel values 0..16 as
+  ``[N, 8, 8]`` or ``[N, 8, 8, 1]``; CIFAR-10 / ImageNet uint8 RGB
+  ``[N, H, W, 3]`` at the model's size) and normalises them as training did;
+  ``model(x, normalized=True)`` takes input already normalised. An export
+  written before the preprocessing was recorded has no ``preprocessing`` in
+  its manifest: it accepts only ``normalized=True`` input and says so
+  otherwise (re-export to record it). See :meth:`ExportedModel.__call__`.
 
   Args:
     path: The export directory.
@@ -394,7 +534,7 @@ def load_exported(path: str, *, model: nn.Module | None = None) -> ExportedModel
                                       pairs=flax.core.FrozenDict(pairs))
   else:
     variables = {"params": params, **state}
-  return ExportedModel(model, manifest, variables, codes, scales)
+  return ExportedModel(model, manifest, variables, codes, scales, path=path)
 
 
 def _dir_bytes(path: str) -> int:
@@ -437,8 +577,9 @@ def export_run(
   """Exports a training run's checkpoint at one (W, A) pair.
 
   Uses the same preparation as the sweep (batch-norm folding unless
-  ``settings.fold`` is False, the same activation ranges), and checks the
-  export against the fake-quantized model on a test batch.
+  ``settings.fold`` is False, the same activation ranges), records the
+  dataset's input normalisation (so the loaded model takes raw images), and
+  checks the export against the fake-quantized model on a test batch.
 
   Args:
     workdir: The run's directory.
@@ -460,6 +601,7 @@ def export_run(
   bits_lib.check_bits(a_bits, "activation bits of --export")
   prepared = prepared or ptq.prepare_run(workdir, settings)
   config = prepared.config
+  preprocessing = data.input_normalization(config.dataset)
   batch = next(iter(data.eval_batches(
       config.dataset, "test", global_batch_size=min(64, ptq.eval_batch_size(config, settings)),
       data_dir=config.get("data_dir", "") or None, max_examples=64)))
@@ -479,6 +621,7 @@ def export_run(
                 "method": ptq.method_label(config), "config": ptq.config_json(config)},
       float_bytes=_nbytes(prepared.variables),
       check_images=batch["image"],
+      preprocessing=preprocessing,
   )
   if info.max_abs_diff is None or info.max_abs_diff > 1e-5:
     raise errors.UserError(
@@ -486,4 +629,7 @@ def export_run(
         f" (max difference {info.max_abs_diff}): the model rebuilt from the manifest"
         " differs from the evaluated one (e.g. config.compute_dtype is not float32, or"
         " config.model_kwargs is not what get_model takes). Export a float32 run.")
-  return info, info.summary(checkpoint_bytes(workdir, prepared.step))
+  summary = (info.summary(checkpoint_bytes(workdir, prepared.step))
+             + f" Load it with l1grad.export.load_exported({out_dir!r}); it takes raw"
+             f" images ({preprocessing.raw}).")
+  return info, summary

@@ -40,6 +40,7 @@ import functools
 import io
 import json
 import os
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -1196,6 +1197,11 @@ class Report:
     runs: Per-run metadata (``ptq.json``'s ``runs``).
     results: Per-run, per-pair entries (``ptq.json``'s ``results``).
     files: ``{"json"|"md"|"csv"|"png": path}`` written, if any.
+    replaced: Paths of an earlier report's files that writing this one
+      replaced (see :func:`write_report`); empty if there was none.
+    kept: ``{path replaced: where the earlier file now is}`` for the earlier
+      report's files moved aside (``ptq.<UTC time>.<ext>``); empty with
+      ``overwrite=True`` or when the earlier report had the same results.
     prepared: The prepared runs (not serialized), e.g. for an export.
     group_by: How the tables and the plot group runs (:func:`summarize`):
       ``"run"``, ``"method"`` or a tuple of config fields.
@@ -1205,6 +1211,8 @@ class Report:
   runs: list[dict[str, Any]]
   results: list[dict[str, Any]]
   files: dict[str, str] = dataclasses.field(default_factory=dict)
+  replaced: list[str] = dataclasses.field(default_factory=list)
+  kept: dict[str, str] = dataclasses.field(default_factory=dict)
   prepared: list[PreparedRun] = dataclasses.field(default_factory=list, repr=False)
   group_by: GroupBy = "run"
 
@@ -1274,13 +1282,50 @@ class Report:
     return "\n".join(lines)
 
 
-def write_report(report: Report, out_dir: str, *, plot: bool = True) -> dict[str, str]:
-  """Writes ``ptq.json``, ``ptq.md``, ``ptq.csv`` and ``ptq.png`` to ``out_dir``."""
+REPORT_EXTENSIONS = ("json", "md", "csv", "png")
+
+
+def _keep_aside(paths: Sequence[str]) -> dict[str, str]:
+  """Renames ``DIR/ptq.EXT`` to ``DIR/ptq.<UTC write time>[-k].EXT``, one stamp for all."""
+  written = next((p for p in paths if p.endswith(".json")), paths[0])
+  stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(os.path.getmtime(written)))
+  out_dir = os.path.dirname(paths[0])
+  for k in range(1000):
+    tag = stamp if k == 0 else f"{stamp}-{k}"
+    targets = {p: os.path.join(out_dir, f"ptq.{tag}.{p.rsplit('.', 1)[1]}") for p in paths}
+    if not any(os.path.exists(t) for t in targets.values()):
+      break
+  for path, target in targets.items():
+    os.replace(path, target)
+  return targets
+
+
+def write_report(report: Report, out_dir: str, *, plot: bool = True,
+                 overwrite: bool = False) -> dict[str, str]:
+  """Writes ``ptq.json``, ``ptq.md``, ``ptq.csv`` and ``ptq.png`` to ``out_dir``.
+
+  An earlier report there (any of these files) is never lost silently: its
+  files are renamed ``ptq.<UTC time it was written>.<ext>`` (e.g.
+  ``ptq.20250131-142501.json``) before the new ones are written, unless its
+  ``ptq.json`` holds the same results (then it is simply rewritten) or
+  ``overwrite`` is set. ``report.replaced`` and ``report.kept`` say what
+  happened, for the caller to print.
+  """
   os.makedirs(out_dir, exist_ok=True)
-  files = {ext: os.path.join(out_dir, f"ptq.{ext}") for ext in ("json", "md", "csv", "png")}
+  files = {ext: os.path.join(out_dir, f"ptq.{ext}") for ext in REPORT_EXTENSIONS}
+  text = json.dumps(report.to_json(), indent=2, ensure_ascii=False, default=_json_default) + "\n"
+  existing = [files[ext] for ext in REPORT_EXTENSIONS if os.path.exists(files[ext])]
+  report.replaced, report.kept = existing, {}
+  if existing and not overwrite:
+    try:
+      with open(files["json"]) as f:
+        same = f.read() == text
+    except OSError:
+      same = False
+    if not same:
+      report.kept = _keep_aside(existing)
   with open(files["json"], "w") as f:
-    json.dump(report.to_json(), f, indent=2, ensure_ascii=False, default=_json_default)
-    f.write("\n")
+    f.write(text)
   with open(files["md"], "w") as f:
     f.write(report.markdown)
   with open(files["csv"], "w") as f:
@@ -1315,6 +1360,7 @@ def evaluate(
     write: bool = True,
     progress: Callable[[str], None] | None = None,
     group_by: str | Sequence[str] = "run",
+    overwrite: bool = False,
 ) -> Report:
   """Evaluates every run at every bit-width and writes the report.
 
@@ -1322,13 +1368,16 @@ def evaluate(
     workdirs: Training run directories (each with its checkpoint and config).
     settings: Evaluation settings.
     out_dir: Where the report goes; default the first workdir.
-    write: Write the files (``ptq.json``, ``.md``, ``.csv``, ``.png``).
+    write: Write the files (``ptq.json``, ``.md``, ``.csv``, ``.png``); an
+      earlier report in ``out_dir`` is kept as ``ptq.<UTC time>.*`` unless
+      ``overwrite`` (:func:`write_report`).
     progress: Called with a line per run (e.g. ``print``); default absl
       logging at INFO.
     group_by: How the tables and the plot group runs: ``"run"``,
       ``"method"`` (mean ± std over the runs of a method, e.g. seeds) or
       config fields such as ``"reg.kind,reg.weight_coef"`` (see
       :func:`summarize`).
+    overwrite: Replace an earlier report instead of keeping it aside.
 
   Returns:
     The report.
@@ -1355,12 +1404,14 @@ def evaluate(
     counter = f"[{i + 1}/{len(workdirs)}] " if len(workdirs) > 1 else ""
     say(f"{counter}{prepared.label} (step {prepared.step}, {result.info['method']}):"
         f" float accuracy {100 * result.info['float_accuracy']:.2f} % on"
-        f" {result.info['num_examples']} test examples, {len(settings.bits)}"
-        f" bit-widths, activation ranges: {settings.act_ranges}"
+        f" {result.info['num_examples']} test"
+        f" example{'' if result.info['num_examples'] == 1 else 's'}, {len(settings.bits)}"
+        f" bit-width{'' if len(settings.bits) == 1 else 's'},"
+        f" activation ranges: {settings.act_ranges}"
         + (" — COLLAPSED (float accuracy near chance)" if result.info["collapsed"] else ""))
     report.runs.append(result.info)
     report.results.extend(result.results)
     report.prepared.append(prepared)
   if write:
-    write_report(report, out_dir or workdirs[0])
+    write_report(report, out_dir or workdirs[0], overwrite=overwrite)
   return report

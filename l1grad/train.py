@@ -420,41 +420,70 @@ def _check_state_finite(state: TrainState, step: int, last_saved: int | None,
       + _DIVERGED_FIX)
 
 
-class _StopSignal:
-  """Turns SIGTERM into "save at the current step and return".
+class TrainingInterrupted(KeyboardInterrupt):
+  """Ctrl-C (SIGINT) stopped the run after it saved the current step.
 
-  Cluster schedulers send SIGTERM some seconds before they kill a job. The
-  handler only sets a flag: saving from inside a signal handler could
-  interleave with a step or with Orbax's own save. The loop checks the flag
-  after every step. With several processes, every host must stop at the same
-  step, which a local flag cannot promise; there the JAX distributed
-  runtime's preemption service (it handles SIGTERM itself) agrees on the
-  step, read through ``CheckpointManager.reached_preemption``.
+  A ``KeyboardInterrupt``, so a notebook cell or a caller that does not know
+  it stops as it would on any Ctrl-C; ``train.py`` exits with 130
+  (128 + SIGINT), the shell's convention, without a traceback.
   """
+
+
+class _StopSignal:
+  """Turns SIGTERM and SIGINT into "save at the current step and stop".
+
+  Cluster schedulers send SIGTERM some seconds before they kill a job; a
+  person presses Ctrl-C. The handler only sets a flag: saving from inside a
+  signal handler could interleave with a step or with Orbax's own save (and
+  a ``KeyboardInterrupt`` raised in the middle of a JAX call or an Orbax
+  write can leave threads that crash the interpreter at exit). The loop
+  checks the flag after every step. A second signal stops at once, without
+  saving, with the exit status 128 + signal number.
+
+  With several processes, every host must stop at the same step, which a
+  local flag cannot promise; there the JAX distributed runtime's preemption
+  service (it handles SIGTERM itself) agrees on the step, read through
+  ``CheckpointManager.reached_preemption``.
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self.signal_number: int | None = None
-    self._previous: Any = None
-    self._installed = False
+    self._previous: dict[int, Any] = {}
 
   def __enter__(self) -> "_StopSignal":
     # signal.signal works only in the main thread; elsewhere (a notebook's
-    # worker thread) SIGTERM keeps its default meaning.
-    if (jax.process_count() == 1
-        and threading.current_thread() is threading.main_thread()):
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-      self._installed = True
+    # worker thread) the signals keep their default meaning.
+    # With several processes a local flag would stop one host alone (and
+    # hang the others in the next collective): SIGTERM goes to the
+    # preemption service, Ctrl-C keeps its default meaning.
+    if (threading.current_thread() is not threading.main_thread()
+        or jax.process_count() > 1):
+      return self
+    for number in self.SIGNALS:
+      if signal.getsignal(number) == signal.SIG_IGN:
+        continue  # e.g. SIGINT of a background job: keep ignoring it
+      self._previous[number] = signal.signal(number, self._handle)
     return self
 
   def __exit__(self, *exc_info: Any) -> None:
-    if self._installed:
-      signal.signal(signal.SIGTERM, self._previous
-                    if self._previous is not None else signal.SIG_DFL)
-      self._installed = False
+    for number, previous in self._previous.items():
+      signal.signal(number, previous if previous is not None else signal.SIG_DFL)
+    self._previous = {}
 
   def _handle(self, signum: int, frame: Any) -> None:
     del frame
+    if self.signal_number is not None:
+      # The second signal: the person does not want to wait for the save.
+      os.write(2, f"\n{signal.Signals(signum).name} again: stopping at once,"
+               " without saving.\n".encode())
+      os._exit(128 + signum)
     self.signal_number = signum
+    if jax.process_index() == 0:
+      os.write(2, f"\n{signal.Signals(signum).name}: finishing the current"
+               " step, then saving (send it again to stop at once).\n"
+               .encode())
 
   def requested(self, mngr: Any, step: int) -> bool:
     if jax.process_count() > 1:
@@ -537,8 +566,9 @@ class _WorkdirLock:
   is still saving, a command started twice) would interleave checkpoints and
   delete each other's temporary save folders. ``flock`` locks are released
   by the kernel when the process dies, even by SIGKILL, so a killed run never
-  leaves a stale lock behind. Only the first process locks: on several hosts
-  the others write through it.
+  leaves a stale lock behind (the file may remain; it holds the pid of the
+  last holder and is harmless). A run that ends by itself deletes the file.
+  Only the first process locks: on several hosts the others write through it.
   """
 
   def __init__(self, workdir: str):
@@ -552,19 +582,28 @@ class _WorkdirLock:
       return self
     if jax.process_index() != 0:
       return self
-    self._file = open(self._path, "a+")
-    try:
-      fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-      self._file.seek(0)
-      holder = self._file.read().strip() or "unknown"
+    while True:
+      self._file = open(self._path, "a+")
+      try:
+        fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except OSError:
+        self._file.seek(0)
+        holder = self._file.read().strip() or "unknown"
+        self._file.close()
+        self._file = None
+        raise WorkdirError(
+            f"Another training process (pid {holder}) is running in"
+            f" {os.path.dirname(self._path)}. Wait for it to finish or stop"
+            " it (SIGTERM or Ctrl-C saves a checkpoint), then rerun; or pass"
+            " a new --workdir.") from None
+      # The previous holder may have deleted the file between our open and
+      # our flock: then we hold a lock on a name nobody else will open.
+      try:
+        if os.stat(self._path).st_ino == os.fstat(self._file.fileno()).st_ino:
+          break
+      except FileNotFoundError:
+        pass
       self._file.close()
-      self._file = None
-      raise WorkdirError(
-          f"Another training process (pid {holder}) is running in"
-          f" {os.path.dirname(self._path)}. Wait for it to finish or stop"
-          " it (SIGTERM saves a checkpoint), then rerun; or pass a new"
-          " --workdir.") from None
     self._file.seek(0)
     self._file.truncate()
     self._file.write(str(os.getpid()))
@@ -573,6 +612,12 @@ class _WorkdirLock:
 
   def __exit__(self, *exc_info: Any) -> None:
     if self._file is not None:
+      # Deleted while still held, so no other process can lock the old file
+      # and believe it owns the workdir.
+      try:
+        os.unlink(self._path)
+      except FileNotFoundError:
+        pass
       self._file.close()  # Closing releases the lock.
       self._file = None
 
@@ -613,6 +658,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     TrainingDivergedError: a non-finite loss, gradient or state.
   """
   config_lib.validate(config)
+  # Before the workdir is created or locked: a missing dataset must leave
+  # nothing behind.
+  data.get_info(config.dataset, data_dir=config.data_dir or None)
   workdir = _prepare_workdir(workdir)
   with _WorkdirLock(workdir):
     return _train_locked(config, workdir)
@@ -689,7 +737,11 @@ def _train_locked(config: ml_collections.ConfigDict,
 
     pending: list[tuple[int, Metrics]] = []
     last_saved = latest
-    t_log, step_log = time.time(), start
+    # Throughput counts training steps only: not the first call of each step
+    # variant (it compiles), not evaluation, not saving. Otherwise the first
+    # ETA of every run counts the compilation (3-4× too long on CPU).
+    compiled: set[bool] = set()
+    t_mark, timed_steps, rate = time.time(), 0, None
     with _StopSignal() as stop:
       for step in range(start, plan.last_step):
         batch = global_batch(next(batches), batch_sharding)
@@ -697,6 +749,12 @@ def _train_locked(config: ml_collections.ConfigDict,
         state, metrics = step_fns[regularized](state, batch, rng)
         pending.append((step, metrics))
         done = step + 1
+        if regularized not in compiled:
+          compiled.add(regularized)
+          jax.block_until_ready(metrics)
+          t_mark, timed_steps = time.time(), 0
+        else:
+          timed_steps += 1
         log_now = done % config.log_every_steps == 0 or done == plan.last_step
         epoch_end = done % plan.steps_per_epoch == 0
         save_now = done % plan.checkpoint_every == 0 or done == plan.last_step
@@ -715,38 +773,51 @@ def _train_locked(config: ml_collections.ConfigDict,
           # exactly like an uninterrupted run's.
           scalars = {k: float(v)
                      for k, v in jax.device_get(pending[-1][1]).items()}
-          now = time.time()
-          rate = (done - step_log) * config.batch_size / max(now - t_log, 1e-9)
-          t_log, step_log = now, done
+          if timed_steps:
+            rate = (timed_steps * config.batch_size
+                    / max(time.time() - t_mark, 1e-9))
           scalars["epoch"] = done / plan.steps_per_epoch
-          scalars["images_per_sec"] = rate
+          scalars["images_per_sec"] = rate or 0.0
           if eval_now:
             scalars.update(evaluate(eval_step, state, config, batch_sharding))
           row = {"step": done, **scalars}
           history.append(row)
           writer.write(done, scalars)
-          eta = (plan.last_step - done) * config.batch_size / max(rate, 1e-9)
+          speed = "compiling"
+          if rate:
+            eta = (plan.last_step - done) * config.batch_size / rate
+            speed = f"{rate:.0f} img/s ETA {eta:.0f}s"
           console(
               "step %d/%d (epoch %.2f) xent %.4f penalty %.4g |∇W|₁ %.4g"
-              " |∇A|₁ %.4g train acc %.3f%s lr %.4g %.0f img/s ETA %.0fs",
+              " |∇A|₁ %.4g train acc %.3f%s lr %.4g %s",
               done, plan.last_step, scalars["epoch"], scalars["cross_entropy"],
               scalars["penalty"] + scalars["dq_penalty"],
               scalars["weight_grad_l1"], scalars["act_grad_l1"],
               scalars["train_accuracy"],
               f" test acc {scalars['test_accuracy']:.4f}" if eval_now else "",
-              scalars["learning_rate"], rate, eta)
+              scalars["learning_rate"], speed)
         pending.clear()
         if save_now or stop_now:
           _check_state_finite(state, done, last_saved, workdir)
           checkpoint.save(mngr, done, state.to_dict(), config, history)
           last_saved = done
+        t_mark, timed_steps = time.time(), 0
         if stop_now:
           mngr.wait_until_finished()
           console("Stopped by %s after step %d of %d; saved checkpoint %d in"
                   " %s. Rerun the same command to continue.",
                   _signal_name(stop.signal_number), done, plan.last_step,
                   done, checkpoint.checkpoint_dir(workdir))
+          if stop.signal_number == signal.SIGINT:
+            raise TrainingInterrupted(
+                f"Stopped by SIGINT after step {done}; checkpoint {done} saved"
+                f" in {checkpoint.checkpoint_dir(workdir)}.")
           break
+      else:
+        console("Done: step %d of %d. Checkpoints: %s\nNext, the accuracy at"
+                " every bit-width: python eval_ptq.py --workdir %s",
+                done, plan.total_steps, checkpoint.checkpoint_dir(workdir),
+                workdir)
   finally:
     mngr.wait_until_finished()
     mngr.close()

@@ -1,17 +1,26 @@
 """Integer export: packing, and the loaded model reproducing the fake-quantized logits."""
 
+import importlib.util
 import json
 import os
+import re
+import shlex
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl import flags
+from absl import logging
 
+from l1grad import data
 from l1grad import errors
 from l1grad import export
 from l1grad import models
 from l1grad import ptq
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("size", [0, 1, 7, 64])
@@ -101,3 +110,150 @@ def test_dequantized_kernels_are_the_fake_quantized_kernels(tmp_path, w_bits, st
 def test_load_exported_rejects_a_directory_that_is_not_an_export(tmp_path):
   with pytest.raises(errors.UserError, match="not an l1grad export"):
     export.load_exported(str(tmp_path))
+
+
+# ---------------------------------------------------------------------------
+# Input preprocessing: the loaded model takes raw images.
+# ---------------------------------------------------------------------------
+
+
+def _digits_export(tmp_path, preprocessing):
+  model, variables, images = _model_and_variables("digits_cnn", width=4)
+  out = str(tmp_path / "exported")
+  export.export_model(out, model_name="digits_cnn", num_classes=5, model_kwargs={"width": 4},
+                      variables=ptq.prepare_variables(model, variables, images),
+                      ranges=ptq.bn_activation_ranges(model, variables, images),
+                      w_bits=8, a_bits=8, preprocessing=preprocessing)
+  return out
+
+
+def test_raw_digits_are_normalised_bit_for_bit_as_in_training(tmp_path):
+  out = _digits_export(tmp_path, data.input_normalization("digits"))
+  manifest = json.load(open(os.path.join(out, export.MANIFEST)))
+  spec = manifest["preprocessing"]
+  assert spec["dataset"] == "digits" and spec["pixel_max"] == 16.0
+  assert spec["image_shape"] == [8, 8, 1] and "0..16" in spec["raw"]
+  assert spec["formula"] == export.PREPROCESSING_FORMULA
+
+  loaded = export.load_exported(out)
+  test_images = data._digits_splits()["test"][0]  # pylint: disable=protected-access
+  raw = data._digits_scaled()[1] * 16  # pylint: disable=protected-access
+  assert raw.shape == (360, 8, 8) and raw.max() == 16
+  # Exactly the pipeline's model input, from [N, 8, 8] or [N, 8, 8, 1].
+  np.testing.assert_array_equal(loaded.normalize(raw), test_images)
+  np.testing.assert_array_equal(loaded.normalize(raw[..., None].astype(np.uint8)), test_images)
+  np.testing.assert_array_equal(np.asarray(loaded(raw)),
+                                np.asarray(loaded(test_images, normalized=True)))
+  with pytest.raises(errors.UserError, match="normalized=True"):
+    loaded(test_images)  # already normalised (negative values), not raw
+  with pytest.raises(errors.UserError, match=r"\[N, 8, 8, 1\]"):
+    loaded(np.zeros((2, 8, 8, 3)))
+
+
+@pytest.mark.parametrize("name, size", [("cifar10", 32), ("imagenet2012", 224)])
+def test_uint8_normalisation_is_the_pipelines(name, size):
+  # pylint: disable=protected-access
+  spec = export._preprocessing_json(data.input_normalization(name))
+  model = export.ExportedModel(None, {"activation_ranges": {}, "w_bits": 8, "a_bits": 8,
+                                      "preprocessing": spec}, {}, {}, {})
+  raw = np.random.default_rng(0).integers(0, 256, (2, size, size, 3)).astype(np.uint8)
+  mean, std = ((data._CIFAR10_MEAN, data._CIFAR10_STD) if name == "cifar10"
+               else (data._IMAGENET_MEAN, data._IMAGENET_STD))
+  want = np.stack([data._normalize(x, mean, std) for x in raw])
+  np.testing.assert_array_equal(model.normalize(raw), want)
+  if name == "cifar10":  # its evaluation preprocessing is the normalisation alone
+    np.testing.assert_array_equal(want[0], data._PREPROCESS[name](raw[0], None))
+
+
+def test_exports_without_recorded_preprocessing(tmp_path):
+  # "preprocessing": null (export_model called without one): input as given.
+  out = _digits_export(tmp_path, None)
+  loaded = export.load_exported(out)
+  assert loaded.manifest["preprocessing"] is None
+  images = np.random.default_rng(0).normal(size=(3, 8, 8, 1)).astype(np.float32)
+  np.testing.assert_array_equal(np.asarray(loaded(images)),
+                                np.asarray(loaded(images, normalized=True)))
+
+  # An export from before the field existed: only normalized=True input.
+  manifest_path = os.path.join(out, export.MANIFEST)
+  manifest = json.load(open(manifest_path))
+  del manifest["preprocessing"]
+  manifest["source"] = {"workdir": "/runs/digits", "step": 4}
+  json.dump(manifest, open(manifest_path, "w"))
+  old = export.load_exported(out)
+  np.testing.assert_array_equal(np.asarray(old(images, normalized=True)),
+                                np.asarray(loaded(images)))
+  with pytest.raises(errors.UserError) as e:
+    old(images)
+  assert "normalized=True" in str(e.value)
+  assert "--workdir /runs/digits --export 8:8" in str(e.value)
+
+
+# ---------------------------------------------------------------------------
+# The README's export example, run as written on a tiny trained run.
+# ---------------------------------------------------------------------------
+
+
+def _readme_export_blocks():
+  text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+  section = text[text.index("**Export on demand.**"):]
+  section = section[:section.index("\n#")]  # up to the next heading
+  blocks = re.findall(r"```(\w+)\n(.*?)```", section, re.S)
+  (command,) = [code for lang, code in blocks if lang == "bash"]
+  (example,) = [code for lang, code in blocks if lang == "python"]
+  return command.strip(), example
+
+
+def _eval_ptq_main(*argv):
+  spec = importlib.util.spec_from_file_location("eval_ptq", os.path.join(ROOT, "eval_ptq.py"))
+  if "eval_ptq" not in sys.modules:
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["eval_ptq"] = module
+    spec.loader.exec_module(module)
+  verbosity = logging.get_verbosity()
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS(["eval_ptq.py", *argv])
+  try:
+    sys.modules["eval_ptq"].main(["eval_ptq.py"])
+  finally:
+    flags.FLAGS.unparse_flags()
+    logging.set_verbosity(verbosity)
+
+
+def test_readme_export_example_runs_as_written(tmp_path, monkeypatch, capsys):
+  from l1grad import train  # pylint: disable=g-import-not-at-top
+  from tiny_configs import tiny_digits  # pylint: disable=g-import-not-at-top
+
+  command, example = _readme_export_blocks()
+  argv = shlex.split(command)
+  assert argv[:2] == ["python", "eval_ptq.py"]
+  workdir = argv[argv.index("--workdir") + 1]
+  monkeypatch.chdir(tmp_path)
+  # The tiny digits run (2 epochs, width 4) where the README has its run.
+  train.train_and_evaluate(tiny_digits(log_every_steps=1000), workdir)
+  _eval_ptq_main(*argv[2:])
+  capsys.readouterr()
+
+  exec(compile(example, "README.md", "exec"), {"__name__": "__main__"})  # pylint: disable=exec-used
+  printed = capsys.readouterr().out
+  match = re.search(r"all 1797 digits: (\d+\.\d+) %", printed)
+  assert match, printed
+  accuracy = float(match.group(1))
+
+  # The same number as the exported model on the pipeline's own input, and
+  # close to the float model's accuracy on it.
+  loaded = export.load_exported(argv[argv.index("--export_dir") + 1])
+  prepared = ptq.prepare_run(workdir, ptq.Settings())
+  correct_q = correct_f = 0
+  for split in ("train", "test"):
+    batch = next(data.eval_batches("digits", split, global_batch_size=2000))
+    mask = batch["mask"]
+    labels = batch["label"][mask]
+    q = np.argmax(loaded(batch["image"], normalized=True), -1)[mask]
+    f = np.argmax(ptq.apply_model(prepared.model, prepared.variables, batch["image"]), -1)[mask]
+    correct_q += int((q == labels).sum())
+    correct_f += int((f == labels).sum())
+  assert abs(accuracy - 100 * correct_q / 1797) < 0.006  # printed with 2 decimals
+  float_accuracy = 100 * correct_f / 1797
+  assert float_accuracy > 80, float_accuracy
+  assert abs(accuracy - float_accuracy) < 6, (accuracy, float_accuracy)

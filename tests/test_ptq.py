@@ -315,6 +315,41 @@ def test_two_run_table_and_report_files(tmp_path):
   assert len(csv_lines) == 7 and csv_lines[1].startswith("base,none,0,10,,,0.92")
 
 
+def test_a_second_report_keeps_the_first_aside(tmp_path):
+  settings = ptq.Settings(bits=((8, 4), (4, 4)))
+  runs = [{"run": "base", "step": 10}]
+  first = ptq.Report(settings, runs, _results("base", "none", 0, [0.92, 0.79, 0.11]))
+  files = ptq.write_report(first, str(tmp_path), plot=False)
+  assert first.replaced == [] and first.kept == {}
+  first_json = open(files["json"]).read()
+  os.utime(files["json"], (1700000000, 1700000000))  # 2023-11-14 22:13:20 UTC
+
+  # The same results again: rewritten in place, nothing to keep.
+  again = ptq.Report(settings, runs, _results("base", "none", 0, [0.92, 0.79, 0.11]))
+  ptq.write_report(again, str(tmp_path), plot=False)
+  assert again.replaced == [files["json"], files["md"], files["csv"]] and again.kept == {}
+  os.utime(files["json"], (1700000000, 1700000000))
+
+  # Different results: the earlier files move to ptq.<UTC write time>.*, and a
+  # name already taken gets a suffix.
+  (tmp_path / "ptq.20231114-221320.json").write_text("taken")
+  second = ptq.Report(settings, runs, _results("base", "none", 0, [0.90, 0.70, 0.20]))
+  ptq.write_report(second, str(tmp_path))
+  kept = {os.path.basename(k): os.path.basename(v) for k, v in second.kept.items()}
+  assert kept == {f"ptq.{ext}": f"ptq.20231114-221320-1.{ext}" for ext in ("json", "md", "csv")}
+  assert open(tmp_path / "ptq.20231114-221320-1.json").read() == first_json
+  assert (tmp_path / "ptq.20231114-221320.json").read_text() == "taken"
+  assert json.load(open(files["json"]))["results"][1]["accuracy"] == 0.70
+
+  # overwrite=True replaces without keeping (and says what it replaced).
+  third = ptq.Report(settings, runs, _results("base", "none", 0, [0.5, 0.5, 0.5]))
+  ptq.write_report(third, str(tmp_path), overwrite=True)
+  assert len(third.replaced) == 4 and third.kept == {}
+  assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+      ["ptq.json", "ptq.md", "ptq.csv", "ptq.png", "ptq.20231114-221320.json",
+       *(f"ptq.20231114-221320-1.{ext}" for ext in ("json", "md", "csv"))])
+
+
 def test_grouping_by_method_gives_mean_and_std():
   results = (_results("l1_s0", "l1 λ=0.05", 0, [0.90, 0.80, 0.70])
              + _results("l1_s1", "l1 λ=0.05", 1, [0.92, 0.84, 0.74]))
@@ -469,6 +504,38 @@ def test_eval_ptq_default_out_is_the_first_workdir(trained, tmp_path):
   data = json.load(open(work / "ptq.json"))
   assert data["act_ranges"] == "calibrate" and data["settings"]["per_channel"]
   assert "calibrated min/max over 1 training batches" in open(work / "ptq.md").read()
+
+
+def test_eval_ptq_never_replaces_a_report_silently(trained, tmp_path, capsys):
+  work = tmp_path / "run"
+  shutil.copytree(trained[0], work)
+  _main("--workdir", str(work), "--bits", "8:8,4:4", "--max_examples", "32")
+  first = (work / "ptq.json").read_text()
+  assert "2 bit-widths," in capsys.readouterr().out
+
+  # An export-only call (no --bits) leaves the report alone.
+  _main("--workdir", str(work), "--export", "4:4", "--export_dir", str(tmp_path / "exp"))
+  printed = capsys.readouterr().out
+  assert "Export only" in printed and "Exported integer model" in printed
+  assert (work / "ptq.json").read_text() == first
+  assert sorted(p.name for p in work.glob("ptq*")) == [
+      "ptq.csv", "ptq.json", "ptq.md", "ptq.png"]
+
+  # A new sweep writes ptq.* and keeps the earlier report, saying where.
+  _main("--workdir", str(work), "--bits", "8:8", "--max_examples", "32")
+  printed = capsys.readouterr().out
+  assert "1 bit-width," in printed and "bit-widths" not in printed
+  archived = sorted(p.name for p in work.glob("ptq.*.json"))
+  assert len(archived) == 1 and (work / archived[0]).read_text() == first
+  stamp = archived[0][len("ptq."):-len(".json")]
+  assert f"Kept the earlier report in {work}: ptq.json -> ptq.{stamp}.json" in printed
+  assert len(json.load(open(work / "ptq.json"))["settings"]["bits"]) == 1
+
+  # --overwrite replaces it instead, and says so.
+  _main("--workdir", str(work), "--bits", "4:4", "--max_examples", "32", "--overwrite")
+  printed = capsys.readouterr().out
+  assert f"Replaced the earlier report {work / 'ptq.json'}" in printed and "--overwrite" in printed
+  assert sorted(p.name for p in work.glob("ptq.*.json")) == archived
 
 
 def _expect_user_error(capsys, *argv, match):

@@ -167,6 +167,74 @@ def test_sigterm_saves_the_current_step_exits_0_and_resumes_exactly(
   assert [r["step"] for r in _history(str(workdir))] == LONG_ROWS
 
 
+def _popen_interruptible(workdir, *overrides):
+  # A background job of a non-interactive shell (and so maybe this test)
+  # starts with SIGINT ignored, which Python keeps: restore the default, as
+  # an interactive shell gives a foreground command.
+  # (A Python trampoline rather than preexec_fn: forking a process that runs
+  # JAX threads is unsafe.)
+  restore_then_exec = ("import os, signal, sys;"
+                       " signal.signal(signal.SIGINT, signal.SIG_DFL);"
+                       " os.execv(sys.executable, sys.argv[1:])")
+  return subprocess.Popen(
+      [sys.executable, "-c", restore_then_exec, *_cmd(workdir, *overrides)],
+      cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True)
+
+
+def test_ctrl_c_saves_the_current_step_exits_130_and_resumes_exactly(
+    tmp_path, uninterrupted):
+  workdir = tmp_path / "interrupted"
+  overrides = (*LONG, "--config.checkpoint_every_steps=100000")
+  proc = _popen_interruptible(workdir, *overrides)
+  try:
+    for line in proc.stdout:
+      if line.startswith("step 20/"):
+        proc.send_signal(signal.SIGINT)
+        break
+    out, err = proc.communicate(timeout=120)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == 130, err
+  assert "Traceback" not in err and "Fatal Python error" not in err, err
+  stopped = re.search(r"Stopped by SIGINT after step (\d+) of (\d+); saved"
+                      r" checkpoint (\d+)", out)
+  assert stopped, out[-2000:]
+  step = int(stopped.group(1))
+  assert 20 <= step < LONG_STEPS and _finalized_steps(workdir) == [step]
+  assert not os.path.exists(workdir / ".lock")
+
+  result = _run(workdir, *overrides)
+  assert result.returncode == 0, result.stderr
+  assert f"Resumed from step {step}" in result.stdout
+  resumed = checkpoint.load_run(str(workdir))
+  assert resumed.step == LONG_STEPS
+  _assert_same_tree(resumed.params, uninterrupted.params)
+  _assert_same_tree(resumed.batch_stats, uninterrupted.batch_stats)
+  assert [r["step"] for r in _history(str(workdir))] == LONG_ROWS
+
+
+def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path):
+  workdir = tmp_path / "twice"
+  proc = _popen_interruptible(workdir, *LONG,
+                              "--config.checkpoint_every_steps=100000")
+  try:
+    for line in proc.stdout:
+      if line.startswith("step 20/"):
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.001)
+        proc.send_signal(signal.SIGINT)
+        break
+    _, err = proc.communicate(timeout=120)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == 130, err
+  assert "again: stopping at once, without saving" in err
+  assert "Traceback" not in err and "Fatal Python error" not in err, err
+
+
 def test_divergence_stops_with_step_loss_parts_and_last_good_checkpoint(
     tmp_path):
   # The learning rate jumps ×1e9 after epoch 1 (a "step" schedule): the run
@@ -280,6 +348,20 @@ def _bad_inputs():
                          "--config.data_dir={empty_data}"], None,
        ["'cifar10'", "not prepared", "tfds build cifar10"
         " --file_format=array_record --data_dir={empty_data}"]),
+      ("coef_without_kind", ["--config.reg.weight_coef=0.1"], None,
+       ["config.reg.kind", "reg.weight_coef=0.1", "silently ignored",
+        "--config.reg.kind=l1"]),
+      ("act_coef_without_kind", ["--config.reg.act_coef=0.2"], None,
+       ["config.reg.kind", "reg.act_coef=0.2", "--config.reg.kind=l1"]),
+      # The paper's headline configs on a fresh machine: no data in the
+      # default data dir (tfds raises a KeyError there, not its usual error).
+      *[(f"headline_{name}", ["--config={root}/configs/" + name + ".py"],
+         {"TFDS_DATA_DIR": "{empty_data}"},
+         [f"'{dataset}'", "not prepared", f"tfds build {dataset}"
+          " --file_format=array_record --data_dir={empty_data}"])
+        for name, dataset in (("imagenet_r18", "imagenet2012"),
+                              ("cifar10_vgg", "cifar10"),
+                              ("cifar10_r18", "cifar10"))],
   ]
 
 
@@ -293,14 +375,15 @@ def test_bad_input_is_one_paragraph_exit_2_before_compiling(
   empty_data = tmp_path / "tfds"
   os.makedirs(empty_data)
   paths = {"tmp": tmp_path, "empty": empty, "source": source_run,
-           "empty_data": empty_data}
+           "empty_data": empty_data, "root": ROOT}
   overrides = [o.format(**paths) for o in overrides]
+  env = {k: v.format(**paths) for k, v in (env or {}).items()}
   workdir = tmp_path / "run"
   if any(o.startswith("--workdir=") for o in overrides):
     workdir = next(o.split("=", 1)[1] for o in overrides
                    if o.startswith("--workdir="))
     overrides = [o for o in overrides if not o.startswith("--workdir=")]
-  result = _run(workdir, *overrides, env=dict(ENV, **(env or {})))
+  result = _run(workdir, *overrides, env=dict(ENV, **env))
   err = result.stderr
   assert result.returncode == 2, err
   assert "Traceback" not in err
@@ -314,6 +397,7 @@ def test_bad_input_is_one_paragraph_exit_2_before_compiling(
     assert text.format(**paths) in message, err
   assert "Training " not in result.stdout  # stopped before the loop
   assert not _finalized_steps(tmp_path / "run")
+  assert not os.path.exists(tmp_path / "run" / ".lock")
 
 
 def test_a_second_trainer_in_the_same_workdir_is_refused(tmp_path):
