@@ -14,97 +14,134 @@ no report written (the earlier report stays as it is); --export with --bits
 sweeps, reports and exports. With --group_by method (or config fields),
 runs that differ only in their seed share a row: mean ± std over them, and the
 plot draws the spread as a band. A run whose float accuracy is near chance is
-flagged "collapsed" in every table. The logic is in l1grad.ptq and
-l1grad.export.
+flagged "collapsed" in every table. The logic is in l1grad.ptq (the sweep),
+l1grad.runs (loading), l1grad.report (the files) and l1grad.export.
 """
 
 import os
-import sys
 
-from absl import app
 from absl import flags
 from absl import logging
 
 from l1grad import bits
+from l1grad import cli
 from l1grad import export
 from l1grad import ptq
+from l1grad import ranges
+from l1grad import report as report_lib
+from l1grad import runs
 from l1grad.errors import ConfigError
-from l1grad.errors import UserError
 
 _WORKDIR = flags.DEFINE_multi_string(
-    "workdir", None, "A training run's directory (repeat for several runs).")
+  "workdir", None, "A training run's directory (repeat for several runs)."
+)
 _BITS = flags.DEFINE_string(
-    "bits", ptq.DEFAULT_BITS,
-    "Comma-separated W:A pairs (weight bits : activation bits), each in 2..16.")
+  "bits",
+  ptq.DEFAULT_BITS,
+  "Comma-separated W:A pairs (weight bits : activation bits), each in 2..16.",
+)
 _ACT_RANGES = flags.DEFINE_enum(
-    "act_ranges", "bn", list(ptq.ACT_RANGE_METHODS),
-    "Activation ranges: 'bn' from batch-norm β and γ (Data-Free Quantization"
-    " rule, no data), or 'calibrate' as min/max over training batches.")
+  "act_ranges",
+  "bn",
+  list(ranges.ACT_RANGE_METHODS),
+  "Activation ranges: 'bn' from batch-norm β and γ (Data-Free Quantization"
+  " rule, no data), or 'calibrate' as min/max over training batches.",
+)
 _PER_CHANNEL = flags.DEFINE_bool(
-    "per_channel", False, "Weight scales per output channel (default: per tensor).")
+  "per_channel",
+  False,
+  "Weight scales per output channel (default: per tensor).",
+)
 _FOLD = flags.DEFINE_bool(
-    "fold", True,
-    "Fold batch norm into the preceding kernels before quantizing, as an"
-    " integer deployment does; --nofold quantizes the unfolded kernels and keeps"
-    " batch norm in float.")
+  "fold",
+  True,
+  "Fold batch norm into the preceding kernels before quantizing, as an"
+  " integer deployment does; --nofold quantizes the unfolded kernels and keeps"
+  " batch norm in float.",
+)
 _GROUP_BY = flags.DEFINE_string(
-    "group_by", "run",
-    "Table rows: 'run' (one per --workdir), 'method' (one per method label,"
-    " e.g. 'l1 λ=0.05', mean ± std over its runs) or comma-separated config"
-    " fields, e.g. 'reg.kind,reg.weight_coef' (runs differing only in other"
-    " fields, such as the seed, are pooled).")
-_OUT = flags.DEFINE_string("out", None, "Report directory (default: the first --workdir).")
+  "group_by",
+  "run",
+  "Table rows: 'run' (one per --workdir), 'method' (one per method label,"
+  " e.g. 'l1 λ=0.05', mean ± std over its runs) or comma-separated config"
+  " fields, e.g. 'reg.kind,reg.weight_coef' (runs differing only in other"
+  " fields, such as the seed, are pooled).",
+)
+_OUT = flags.DEFINE_string(
+  "out", None, "Report directory (default: the first --workdir)."
+)
 _CALIB_BATCHES = flags.DEFINE_integer(
-    "calib_batches", 8, "Training batches for --act_ranges calibrate.")
+  "calib_batches", 8, "Training batches for --act_ranges calibrate."
+)
 _MAX_EXAMPLES = flags.DEFINE_integer(
-    "max_examples", None, "Evaluate on the first N test examples only (quick checks).")
+  "max_examples",
+  None,
+  "Evaluate on the first N test examples only (quick checks).",
+)
 _BATCH_SIZE = flags.DEFINE_integer(
-    "batch_size", None, "Evaluation batch size (default: the run's config).")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  "batch_size", None, "Evaluation batch size (default: the run's config)."
+)
+_STEP = flags.DEFINE_integer(
+  "step", None, "Checkpoint step (default: the latest)."
+)
 _EXPORT = flags.DEFINE_string(
-    "export", None,
-    "Export the integer model at this W:A pair (needs --export_dir). Without"
-    " --bits this is all the command does: no sweep, no report.")
+  "export",
+  None,
+  "Export the integer model at this W:A pair (needs --export_dir). Without"
+  " --bits this is all the command does: no sweep, no report.",
+)
 _EXPORT_DIR = flags.DEFINE_string(
-    "export_dir", None,
-    "Where --export writes (one subfolder per run when there are several --workdir).")
+  "export_dir",
+  None,
+  "Where --export writes (one subfolder per run when there are several --workdir).",
+)
 _OVERWRITE = flags.DEFINE_bool(
-    "overwrite", False,
-    "Replace an earlier ptq.* report in --out instead of keeping it as"
-    " ptq.<UTC time>.*.")
+  "overwrite",
+  False,
+  "Replace an earlier ptq.* report in --out instead of keeping it as"
+  " ptq.<UTC time>.*.",
+)
 
 
 def _settings() -> ptq.Settings:
   return ptq.Settings(
-      bits=tuple(bits.parse_pairs(_BITS.value)),
-      act_ranges=_ACT_RANGES.value,
-      per_channel=_PER_CHANNEL.value,
-      fold=_FOLD.value,
-      calib_batches=_CALIB_BATCHES.value,
-      max_examples=_MAX_EXAMPLES.value,
-      batch_size=_BATCH_SIZE.value,
-      step=_STEP.value,
+    bits=tuple(bits.parse_pairs(_BITS.value)),
+    act_ranges=_ACT_RANGES.value,
+    per_channel=_PER_CHANNEL.value,
+    fold=_FOLD.value,
+    calib_batches=_CALIB_BATCHES.value,
+    max_examples=_MAX_EXAMPLES.value,
+    batch_size=_BATCH_SIZE.value,
+    step=_STEP.value,
   )
 
 
 def _export(prepared_runs, pair, settings) -> None:
   several = len(prepared_runs) > 1
   for prepared in prepared_runs:
-    out = (os.path.join(_EXPORT_DIR.value, prepared.label) if several
-           else _EXPORT_DIR.value)
-    _, summary = export.export_run(prepared.workdir, pair, out, settings,
-                                   prepared=prepared)
+    out = (
+      os.path.join(_EXPORT_DIR.value, prepared.label)
+      if several
+      else _EXPORT_DIR.value
+    )
+    _, summary = export.export_run(
+      prepared.workdir, pair, out, settings, prepared=prepared
+    )
     print(summary)
 
 
-def _report_note(report: ptq.Report) -> str | None:
+def _report_note(report: report_lib.Report) -> str | None:
   """Says what happened to an earlier report in the output folder, if any."""
   if report.kept:
-    moves = ", ".join(f"{os.path.basename(old)} -> {os.path.basename(new)}"
-                      for old, new in report.kept.items())
+    moves = ", ".join(
+      f"{os.path.basename(old)} -> {os.path.basename(new)}"
+      for old, new in report.kept.items()
+    )
     folder = os.path.dirname(next(iter(report.kept)))
-    return (f"Kept the earlier report in {folder}: {moves}"
-            " (--overwrite replaces it instead).")
+    return (
+      f"Kept the earlier report in {folder}: {moves}"
+      " (--overwrite replaces it instead)."
+    )
   if report.replaced:
     why = "--overwrite" if _OVERWRITE.value else "same results as this one"
     return f"Replaced the earlier report {', '.join(report.replaced)} ({why})."
@@ -113,23 +150,41 @@ def _report_note(report: ptq.Report) -> str | None:
 
 def _run() -> None:
   if not _WORKDIR.value:
-    raise ConfigError("Pass at least one --workdir (a directory train.py wrote).")
+    raise ConfigError(
+      "Pass at least one --workdir (a directory train.py wrote)."
+    )
   settings = _settings()
-  group_by = ptq.parse_group_by(_GROUP_BY.value)
+  group_by = report_lib.parse_group_by(_GROUP_BY.value)
   export_pair = None
   if _EXPORT.value:
     export_pair = bits.parse_pair(_EXPORT.value)
     if not _EXPORT_DIR.value:
-      raise ConfigError("--export needs --export_dir, the folder to write the integer model to.")
+      raise ConfigError(
+        "--export needs --export_dir, the folder to write the integer model to."
+      )
   if export_pair is not None and not flags.FLAGS["bits"].present:
-    print("Export only (no --bits given): no PTQ sweep, no report written.", flush=True)
-    labels = ptq._run_labels(_WORKDIR.value)  # pylint: disable=protected-access
-    _export([ptq.prepare_run(w, settings, label=label)
-             for w, label in zip(_WORKDIR.value, labels)], export_pair, settings)
+    print(
+      "Export only (no --bits given): no PTQ sweep, no report written.",
+      flush=True,
+    )
+    labels = runs.run_labels(_WORKDIR.value)
+    _export(
+      [
+        runs.prepare_run(w, settings, label=label)
+        for w, label in zip(_WORKDIR.value, labels)
+      ],
+      export_pair,
+      settings,
+    )
     return
-  report = ptq.evaluate(_WORKDIR.value, settings, out_dir=_OUT.value,
-                        progress=lambda line: print(line, flush=True),
-                        group_by=group_by, overwrite=_OVERWRITE.value)
+  report = ptq.evaluate(
+    _WORKDIR.value,
+    settings,
+    out_dir=_OUT.value,
+    progress=lambda line: print(line, flush=True),
+    group_by=group_by,
+    overwrite=_OVERWRITE.value,
+  )
   print()
   print(report.markdown)
   print("Wrote " + ", ".join(report.files[k] for k in sorted(report.files)))
@@ -142,16 +197,15 @@ def _run() -> None:
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    cli.bad_input(
+      f"unexpected arguments {argv[1:]}; every option is a flag"
+      " (--workdir DIR)."
+    )
   if not flags.FLAGS["verbosity"].present:
     # Orbax logs every read-only checkpoint open at WARNING level.
     logging.set_verbosity(logging.ERROR)
-  try:
-    _run()
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  _run()
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -46,9 +46,12 @@ def _scaled(n: int, m: float) -> int:
 
 
 class VGGLike(nn.Module):
-
-  def __init__(self, num_classes: int, width_multiplier: float,
-               image_shape: tuple[int, int, int]):
+  def __init__(
+    self,
+    num_classes: int,
+    width_multiplier: float,
+    image_shape: tuple[int, int, int],
+  ):
     super().__init__()
     layers: list[nn.Module] = []
     c = image_shape[2]
@@ -59,8 +62,11 @@ class VGGLike(nn.Module):
         side //= 2
       else:
         out = _scaled(layer, width_multiplier)
-        layers += [nn.Conv2d(c, out, 3, padding=1, bias=False),
-                   nn.BatchNorm2d(out, momentum=0.1, eps=1e-5), nn.ReLU()]
+        layers += [
+          nn.Conv2d(c, out, 3, padding=1, bias=False),
+          nn.BatchNorm2d(out, momentum=0.1, eps=1e-5),
+          nn.ReLU(),
+        ]
         c = out
     self.features = nn.Sequential(*layers)
     hidden = _scaled(VGG_HIDDEN, width_multiplier)
@@ -74,7 +80,6 @@ class VGGLike(nn.Module):
 
 
 class BasicBlock(nn.Module):
-
   def __init__(self, cin: int, cout: int, stride: int):
     super().__init__()
     self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
@@ -83,8 +88,9 @@ class BasicBlock(nn.Module):
     self.bn2 = nn.BatchNorm2d(cout)
     self.proj = None
     if stride != 1 or cin != cout:
-      self.proj = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                nn.BatchNorm2d(cout))
+      self.proj = nn.Sequential(
+        nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+      )
 
   def forward(self, x):
     y = F.relu(self.bn1(self.conv1(x)))
@@ -93,17 +99,20 @@ class BasicBlock(nn.Module):
 
 
 class ResNet18(nn.Module):
-
   def __init__(self, num_classes: int, num_filters: int, stem: str):
     super().__init__()
     f = num_filters
     if stem == "cifar":
-      self.stem = nn.Sequential(nn.Conv2d(3, f, 3, 1, 1, bias=False),
-                                nn.BatchNorm2d(f), nn.ReLU())
+      self.stem = nn.Sequential(
+        nn.Conv2d(3, f, 3, 1, 1, bias=False), nn.BatchNorm2d(f), nn.ReLU()
+      )
     else:
-      self.stem = nn.Sequential(nn.Conv2d(3, f, 7, 2, 3, bias=False),
-                                nn.BatchNorm2d(f), nn.ReLU(),
-                                nn.MaxPool2d(3, 2, 1))
+      self.stem = nn.Sequential(
+        nn.Conv2d(3, f, 7, 2, 3, bias=False),
+        nn.BatchNorm2d(f),
+        nn.ReLU(),
+        nn.MaxPool2d(3, 2, 1),
+      )
     blocks, cin = [], f
     for i in range(4):
       for j in range(2):
@@ -118,8 +127,14 @@ class ResNet18(nn.Module):
     return self.head(x.mean(dim=(2, 3)))
 
 
-def build_model(name: str, *, num_classes: int, image_shape, vgg_width: float,
-                resnet_filters: int) -> nn.Module:
+def build_model(
+  name: str,
+  *,
+  num_classes: int,
+  image_shape,
+  vgg_width: float,
+  resnet_filters: int,
+) -> nn.Module:
   if name == "vgg":
     return VGGLike(num_classes, vgg_width, image_shape)
   if name == "resnet18":
@@ -132,15 +147,29 @@ def build_model(name: str, *, num_classes: int, image_shape, vgg_width: float,
 class Peer:
   """One model, one fixed batch, and its plain and regularized steps."""
 
-  def __init__(self, name: str, *, num_classes: int, image_shape, batch: int,
-               vgg_width: float = 0.25, resnet_filters: int = 16,
-               threads: int = 0, coef: float = 0.05, channels_last=False):
+  def __init__(
+    self,
+    name: str,
+    *,
+    num_classes: int,
+    image_shape,
+    batch: int,
+    vgg_width: float = 0.25,
+    resnet_filters: int = 16,
+    threads: int = 0,
+    coef: float = 0.05,
+    channels_last=False,
+  ):
     if threads:
       torch.set_num_threads(threads)
     torch.manual_seed(0)
-    self.model = build_model(name, num_classes=num_classes,
-                             image_shape=image_shape, vgg_width=vgg_width,
-                             resnet_filters=resnet_filters).train()
+    self.model = build_model(
+      name,
+      num_classes=num_classes,
+      image_shape=image_shape,
+      vgg_width=vgg_width,
+      resnet_filters=resnet_filters,
+    ).train()
     h, w, c = image_shape
     self.x = torch.randn(batch, c, h, w)
     self.y = torch.randint(0, num_classes, (batch,))
@@ -148,10 +177,16 @@ class Peer:
       self.model = self.model.to(memory_format=torch.channels_last)
       self.x = self.x.contiguous(memory_format=torch.channels_last)
     self.coef = coef
-    self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9,
-                               nesterov=True, weight_decay=5e-4)
-    self.layers = [m for m in self.model.modules()
-                   if isinstance(m, (nn.Conv2d, nn.Linear))]
+    self.opt = torch.optim.SGD(
+      self.model.parameters(),
+      lr=0.01,
+      momentum=0.9,
+      nesterov=True,
+      weight_decay=5e-4,
+    )
+    self.layers = [
+      m for m in self.model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+    ]
     self.kernels = [m.weight for m in self.layers]
     self._acts: list[torch.Tensor] | None = None
     for m in self.layers:
@@ -192,10 +227,12 @@ class Peer:
 
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--model", default="vgg",
-                 choices=["vgg", "resnet18", "resnet18_imagenet"])
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  p.add_argument(
+    "--model", default="vgg", choices=["vgg", "resnet18", "resnet18_imagenet"]
+  )
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--vgg-width", type=float, default=0.25)
   p.add_argument("--resnet-filters", type=int, default=16)
@@ -205,11 +242,16 @@ def main() -> None:
   p.add_argument("--channels-last", action="store_true")
   args = p.parse_args()
   imagenet = args.model == "resnet18_imagenet"
-  peer = Peer(args.model, num_classes=1000 if imagenet else 10,
-              image_shape=(224, 224, 3) if imagenet else (32, 32, 3),
-              batch=args.batch, vgg_width=args.vgg_width,
-              resnet_filters=args.resnet_filters, threads=args.threads,
-              channels_last=args.channels_last)
+  peer = Peer(
+    args.model,
+    num_classes=1000 if imagenet else 10,
+    image_shape=(224, 224, 3) if imagenet else (32, 32, 3),
+    batch=args.batch,
+    vgg_width=args.vgg_width,
+    resnet_filters=args.resnet_filters,
+    threads=args.threads,
+    channels_last=args.channels_last,
+  )
   times = {False: [], True: []}
   for reg in (False, True):
     peer.run(reg, 2)
@@ -219,9 +261,11 @@ def main() -> None:
       peer.run(reg, args.steps)
       times[reg].append((time.perf_counter() - t0) / args.steps)
   plain, l1 = (statistics.median(times[k]) for k in (False, True))
-  print(f"torch {torch.__version__}, {torch.get_num_threads()} threads: "
-        f"plain {1e3 * plain:.1f} ms, l1 {1e3 * l1:.1f} ms, "
-        f"ratio {l1 / plain:.2f}")
+  print(
+    f"torch {torch.__version__}, {torch.get_num_threads()} threads: "
+    f"plain {1e3 * plain:.1f} ms, l1 {1e3 * l1:.1f} ms, "
+    f"ratio {l1 / plain:.2f}"
+  )
 
 
 if __name__ == "__main__":

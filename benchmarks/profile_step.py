@@ -37,7 +37,7 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-import step_time  # pylint: disable=g-import-not-at-top,wrong-import-position
+import step_time  # noqa: E402  # pylint: disable=wrong-import-position
 
 
 def classify(hlo: str) -> dict[str, tuple[str, str]]:
@@ -66,9 +66,14 @@ def classify(hlo: str) -> dict[str, tuple[str, str]]:
     if " convolution(" in body or op == "convolution":
       window = re.search(r"window=\{size=(\d+)x(\d+)", body)
       big = window and int(window.group(1)) > 7
-      out[name] = ("conv (weight grad)" if big else "conv (other)",
-                   f"{shape} {window.group(0) if window else ''} {where}")
-    elif re.search(r"\b(iota|scatter|concatenate)\(", body) or "reduce-window(" in body:
+      out[name] = (
+        "conv (weight grad)" if big else "conv (other)",
+        f"{shape} {window.group(0) if window else ''} {where}",
+      )
+    elif (
+      re.search(r"\b(iota|scatter|concatenate)\(", body)
+      or "reduce-window(" in body
+    ):
       out[name] = ("max-pool backward", shape)
     elif " dot(" in body or op == "dot":
       out[name] = ("dot", shape)
@@ -83,9 +88,11 @@ def classify(hlo: str) -> dict[str, tuple[str, str]]:
 
 def main(argv: list[str] | None = None) -> None:
   p = argparse.ArgumentParser(
-      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--model", default="vgg",
-                 help="digits, vgg, resnet18 or resnet18_imagenet")
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  p.add_argument(
+    "--model", default="vgg", help="digits, vgg, resnet18 or resnet18_imagenet"
+  )
   p.add_argument("--variant", default="plain")
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--top", type=int, default=10)
@@ -98,36 +105,52 @@ def main(argv: list[str] | None = None) -> None:
 
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top
   from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from l1grad import models  # pylint: disable=g-import-not-at-top
   from l1grad import train  # pylint: disable=g-import-not-at-top
 
   sargs = step_time.parse_args(
-      ["--batch", str(args.batch), "--vgg-width", str(args.vgg_width),
-       "--resnet-filters", str(args.resnet_filters),
-       "--image-size", str(args.image_size)]
-      + [f"--option-set={s}" for s in args.option_set])
+    [
+      "--batch",
+      str(args.batch),
+      "--vgg-width",
+      str(args.vgg_width),
+      "--resnet-filters",
+      str(args.resnet_filters),
+      "--image-size",
+      str(args.image_size),
+    ]
+    + [f"--option-set={s}" for s in args.option_set]
+  )
   setup = step_time.model_setup(args.model, sargs)
   mesh = train.data_mesh()
   rep, bsh = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-  model = train.create_model(setup["config"], setup["num_classes"])
+  model = models.from_config(setup["config"], setup["num_classes"])
   params, stats = train.init_variables(model, setup["image_shape"], 0)
   b = setup["batch"]
   rs = np.random.RandomState(0)
   batch = jax.device_put(
-      {"image": jnp.asarray(rs.randn(b, *setup["image_shape"]), jnp.float32),
-       "label": jnp.asarray(rs.randint(0, setup["num_classes"], b), jnp.int32)},
-      bsh)
+    {
+      "image": jnp.asarray(rs.randn(b, *setup["image_shape"]), jnp.float32),
+      "label": jnp.asarray(rs.randint(0, setup["num_classes"], b), jnp.int32),
+    },
+    bsh,
+  )
   rng = jax.device_put(jax.random.key(0), rep)
-  built = step_time.build_jax_variant(setup, args.variant, sargs, params, stats,
-                                      batch, rng, (rep, bsh))
+  built = step_time.build_jax_variant(
+    setup, args.variant, sargs, params, stats, batch, rng, (rep, bsh)
+  )
   kinds = classify(built["compiled"].as_text())
   built["run"](3)
   with tempfile.TemporaryDirectory() as d:
     with jax.profiler.trace(d, create_perfetto_trace=True):
       built["run"](args.steps)
-    trace = glob.glob(os.path.join(d, "**", "*.trace.json.gz"), recursive=True)[0]
+    trace = glob.glob(os.path.join(d, "**", "*.trace.json.gz"), recursive=True)[
+      0
+    ]
     with gzip.open(trace) as f:
       events = json.load(f)
   events = events["traceEvents"] if isinstance(events, dict) else events
@@ -139,8 +162,10 @@ def main(argv: list[str] | None = None) -> None:
   for name, ms in per_thunk.items():
     per_kind[kinds[name][0]] += ms
   total = sum(per_kind.values())
-  print(f"{args.model} {args.variant}: {total:.1f} ms of thunk time per step "
-        f"(load average {os.getloadavg()[0]:.2f})")
+  print(
+    f"{args.model} {args.variant}: {total:.1f} ms of thunk time per step "
+    f"(load average {os.getloadavg()[0]:.2f})"
+  )
   for kind, ms in per_kind.most_common():
     print(f"  {kind:20s} {ms:7.1f} ms  {100 * ms / total:5.1f} %")
   print("top thunks:")

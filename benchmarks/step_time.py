@@ -50,7 +50,9 @@ JSON path) and prints the markdown table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import functools
 import json
 import os
 import platform
@@ -63,56 +65,110 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
-JAX_VARIANTS = ("plain", "plain_tracked", "l1_hvp", "l1_hvp_jvp",
-                "l1_reverse", "l1_fd", "l2_hvp", "dq", "ste")
+JAX_VARIANTS = (
+  "plain",
+  "plain_tracked",
+  "l1_hvp",
+  "l1_hvp_jvp",
+  "l1_reverse",
+  "l1_fd",
+  "l2_hvp",
+  "dq",
+  "ste",
+)
 PEER_VARIANTS = ("torch_plain", "torch_l1")
 DEFAULT_VARIANTS = JAX_VARIANTS
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p = argparse.ArgumentParser(
-      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--models", default="digits,vgg,resnet18",
-                 help="comma list of digits, vgg, resnet18 (CIFAR shapes); "
-                 "--imagenet selects ImageNet ResNet-18 instead")
-  p.add_argument("--imagenet", action="store_true",
-                 help="ImageNet ResNet-18 at 224×224×3, 1000 classes")
-  p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
-                 help="comma list (see the module docstring)")
-  p.add_argument("--peer", action="store_true",
-                 help="also time the PyTorch peer (needs the bench extra)")
-  p.add_argument("--batch", type=int, default=32,
-                 help="batch size for VGG/ResNet (digits uses --digits-batch)")
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  p.add_argument(
+    "--models",
+    default="digits,vgg,resnet18",
+    help="comma list of digits, vgg, resnet18 (CIFAR shapes); "
+    "--imagenet selects ImageNet ResNet-18 instead",
+  )
+  p.add_argument(
+    "--imagenet",
+    action="store_true",
+    help="ImageNet ResNet-18 at 224×224×3, 1000 classes",
+  )
+  p.add_argument(
+    "--variants",
+    default=",".join(DEFAULT_VARIANTS),
+    help="comma list (see the module docstring)",
+  )
+  p.add_argument(
+    "--peer",
+    action="store_true",
+    help="also time the PyTorch peer (needs the bench extra)",
+  )
+  p.add_argument(
+    "--batch",
+    type=int,
+    default=32,
+    help="batch size for VGG/ResNet (digits uses --digits-batch)",
+  )
   p.add_argument("--digits-batch", type=int, default=64)
   p.add_argument("--digits-width", type=int, default=32)
-  p.add_argument("--vgg-width", type=float, default=0.25,
-                 help="VGG-like width_multiplier (1.0 = the paper's net)")
-  p.add_argument("--resnet-filters", type=int, default=16,
-                 help="ResNet-18 num_filters (64 = the standard net)")
-  p.add_argument("--image-size", type=int, default=224,
-                 help="ImageNet input side with --imagenet")
+  p.add_argument(
+    "--vgg-width",
+    type=float,
+    default=0.25,
+    help="VGG-like width_multiplier (1.0 = the paper's net)",
+  )
+  p.add_argument(
+    "--resnet-filters",
+    type=int,
+    default=16,
+    help="ResNet-18 num_filters (64 = the standard net)",
+  )
+  p.add_argument(
+    "--image-size",
+    type=int,
+    default=224,
+    help="ImageNet input side with --imagenet",
+  )
   p.add_argument("--ste-bits", default="4:4")
   p.add_argument("--repeats", type=int, default=7)
-  p.add_argument("--steps", type=int, default=3,
-                 help="chained steps per timed call")
+  p.add_argument(
+    "--steps", type=int, default=3, help="chained steps per timed call"
+  )
   p.add_argument("--warmup", type=int, default=2)
-  p.add_argument("--threads", type=int, default=0,
-                 help="torch threads (0: os.cpu_count())")
-  p.add_argument("--xla-flags", default="",
-                 help="appended to XLA_FLAGS before JAX starts")
-  p.add_argument("--option-set", action="append", default=[],
-                 metavar="NAME:KEY=VAL[;KEY=VAL]",
-                 help="XLA compiler options for variants suffixed @NAME, "
-                 "compiled in the same process (e.g. ynnconv:xla_cpu_"
-                 "experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_"
-                 "INDIVIDUAL_CONVOLUTION)")
-  p.add_argument("--tag", default="",
-                 help="results file name (default: from models and flags)")
-  p.add_argument("--out", default="",
-                 help="JSON path (default benchmarks/results/<tag>.json)")
-  p.add_argument("--compile-only", action="store_true",
-                 help="no timing: compile time, flops and memory only (cheap "
-                 "for full-size models; noise-free)")
+  p.add_argument(
+    "--threads", type=int, default=0, help="torch threads (0: os.cpu_count())"
+  )
+  p.add_argument(
+    "--xla-flags", default="", help="appended to XLA_FLAGS before JAX starts"
+  )
+  p.add_argument(
+    "--option-set",
+    action="append",
+    default=[],
+    metavar="NAME:KEY=VAL[;KEY=VAL]",
+    help="XLA compiler options for variants suffixed @NAME, "
+    "compiled in the same process (e.g. ynnconv:xla_cpu_"
+    "experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_"
+    "INDIVIDUAL_CONVOLUTION)",
+  )
+  p.add_argument(
+    "--tag",
+    default="",
+    help="results file name (default: from models and flags)",
+  )
+  p.add_argument(
+    "--out",
+    default="",
+    help="JSON path (default benchmarks/results/<tag>.json)",
+  )
+  p.add_argument(
+    "--compile-only",
+    action="store_true",
+    help="no timing: compile time, flops and memory only (cheap "
+    "for full-size models; noise-free)",
+  )
   p.add_argument("--quiet", action="store_true")
   return p.parse_args(argv)
 
@@ -131,32 +187,52 @@ def _set(config, key: str, value: Any) -> None:
 
 def model_setup(name: str, args: argparse.Namespace) -> dict[str, Any]:
   """Base config, image shape, classes and batch of one benchmark model."""
-  from configs import cifar10_r18, cifar10_vgg, digits, imagenet_r18  # pylint: disable=g-import-not-at-top
+  from configs import cifar10_r18  # pylint: disable=g-import-not-at-top
+  from configs import cifar10_vgg  # pylint: disable=g-import-not-at-top
+  from configs import digits  # pylint: disable=g-import-not-at-top
+  from configs import imagenet_r18  # pylint: disable=g-import-not-at-top
+
   if name == "digits":
     config = digits.get_config()
     config.model_kwargs.width = args.digits_width
-    return dict(config=config, image_shape=(8, 8, 1), num_classes=10,
-                batch=args.digits_batch,
-                desc=f"digits CNN width {args.digits_width}")
+    return dict(
+      config=config,
+      image_shape=(8, 8, 1),
+      num_classes=10,
+      batch=args.digits_batch,
+      desc=f"digits CNN width {args.digits_width}",
+    )
   if name == "vgg":
     config = cifar10_vgg.get_config()
     config.model_kwargs.width_multiplier = args.vgg_width
-    return dict(config=config, image_shape=(32, 32, 3), num_classes=10,
-                batch=args.batch,
-                desc=f"VGG-like width_multiplier {args.vgg_width:g}")
+    return dict(
+      config=config,
+      image_shape=(32, 32, 3),
+      num_classes=10,
+      batch=args.batch,
+      desc=f"VGG-like width_multiplier {args.vgg_width:g}",
+    )
   if name == "resnet18":
     config = cifar10_r18.get_config()
     config.model_kwargs.num_filters = args.resnet_filters
-    return dict(config=config, image_shape=(32, 32, 3), num_classes=10,
-                batch=args.batch,
-                desc=f"ResNet-18 (CIFAR) num_filters {args.resnet_filters}")
+    return dict(
+      config=config,
+      image_shape=(32, 32, 3),
+      num_classes=10,
+      batch=args.batch,
+      desc=f"ResNet-18 (CIFAR) num_filters {args.resnet_filters}",
+    )
   if name == "resnet18_imagenet":
     config = imagenet_r18.get_config()
     config.model_kwargs.num_filters = args.resnet_filters
     s = args.image_size
-    return dict(config=config, image_shape=(s, s, 3), num_classes=1000,
-                batch=args.batch,
-                desc=f"ResNet-18 (ImageNet) num_filters {args.resnet_filters}")
+    return dict(
+      config=config,
+      image_shape=(s, s, 3),
+      num_classes=1000,
+      batch=args.batch,
+      desc=f"ResNet-18 (ImageNet) num_filters {args.resnet_filters}",
+    )
   raise ValueError(f"unknown model {name!r}")
 
 
@@ -179,8 +255,11 @@ def variant_config(base, variant: str, ste_bits: str):
     config.reg.weight_coef = 0.05
     if method == "hvp_jvp":
       method, hvp_impl = "hvp", "jvp"
-    config.reg.method = {"hvp": "hvp", "reverse": "reverse",
-                         "fd": "finite_difference"}[method]
+    config.reg.method = {
+      "hvp": "hvp",
+      "reverse": "reverse",
+      "fd": "finite_difference",
+    }[method]
     regularized = True
   elif variant == "dq":
     config.reg.kind = "dq"
@@ -197,25 +276,66 @@ def variant_config(base, variant: str, ste_bits: str):
 # Building and measuring one compiled step.
 
 
+def make_train_step(
+  model, config, tx, lr, *, regularized: bool, hvp_impl: str = "linearize"
+):
+  """The trainer's step, its "hvp" penalty computed by ``hvp_impl``.
+
+  The trainer always uses ``penalty.value_and_grad``'s default
+  (``"linearize"``); for ``l1_hvp_jvp`` the step is built with
+  ``hvp_impl="jvp"`` passed to it instead.
+  """
+  from l1grad import penalty  # pylint: disable=g-import-not-at-top
+  from l1grad import train  # pylint: disable=g-import-not-at-top
+
+  if hvp_impl == "linearize":
+    return train.make_train_step(model, config, tx, lr, regularized=regularized)
+  with _value_and_grad_defaults(penalty, hvp_impl=hvp_impl):
+    return train.make_train_step(model, config, tx, lr, regularized=regularized)
+
+
+@contextlib.contextmanager
+def _value_and_grad_defaults(penalty, **defaults):
+  # make_train_step calls penalty.value_and_grad once, when the step is
+  # built; within the context that call gets the extra keyword arguments.
+  original = penalty.value_and_grad
+  penalty.value_and_grad = functools.partial(original, **defaults)
+  try:
+    yield
+  finally:
+    penalty.value_and_grad = original
+
+
 def _reshape_max_pool(original):
   """nn.max_pool whose 2×2/2 VALID case is reshape + max (the rpool experiment)."""
 
   def pool(inputs, window_shape, strides=None, padding="VALID"):
     import jax  # pylint: disable=g-import-not-at-top
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
     window = tuple(window_shape)
-    if (window == (2, 2) and tuple(strides or window) == window
-        and padding == "VALID" and inputs.ndim == 4
-        and inputs.shape[1] % 2 == 0 and inputs.shape[2] % 2 == 0):
+    if (
+      window == (2, 2)
+      and tuple(strides or window) == window
+      and padding == "VALID"
+      and inputs.ndim == 4
+      and inputs.shape[1] % 2 == 0
+      and inputs.shape[2] % 2 == 0
+    ):
       b, h, w, c = inputs.shape
       # The trainer's mesh has explicit axes: a reshape that splits two axes
       # must name its output sharding (the batch axis keeps its own).
       sharding = jax.typeof(inputs).sharding
       spec = tuple(sharding.spec) + (None,) * 4
-      out = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(
-          spec[0], spec[1], None, spec[2], None, spec[3]))
-      split = jax.lax.reshape(inputs, (b, h // 2, 2, w // 2, 2, c),
-                              out_sharding=out)
+      out = jax.sharding.NamedSharding(
+        sharding.mesh,
+        jax.sharding.PartitionSpec(
+          spec[0], spec[1], None, spec[2], None, spec[3]
+        ),
+      )
+      split = jax.lax.reshape(
+        inputs, (b, h // 2, 2, w // 2, 2, c), out_sharding=out
+      )
       return jnp.max(split, axis=(2, 4))
     return original(inputs, window_shape, strides=strides, padding=padding)
 
@@ -249,14 +369,17 @@ def _first(analysis):
   return analysis[0] if isinstance(analysis, (list, tuple)) else analysis
 
 
-def build_jax_variant(setup, variant: str, args, params, batch_stats, batch,
-                      rng, shardings) -> dict[str, Any]:
+def build_jax_variant(
+  setup, variant: str, args, params, batch_stats, batch, rng, shardings
+) -> dict[str, Any]:
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
-  from l1grad import penalty, train  # pylint: disable=g-import-not-at-top
 
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from l1grad import models  # pylint: disable=g-import-not-at-top
+  from l1grad import train  # pylint: disable=g-import-not-at-top
+
   base, mods = split_variant(variant)
   option_sets = parse_option_sets(args.option_set)
   compiler_options: dict[str, Any] = {}
@@ -265,24 +388,33 @@ def build_jax_variant(setup, variant: str, args, params, batch_stats, batch,
       compiler_options.update(option_sets[mod])
     elif mod != "rpool":
       raise ValueError(f"unknown modifier {mod!r} in {variant!r}")
-  config, regularized, hvp_impl = variant_config(setup["config"], base,
-                                                 args.ste_bits)
+  config, regularized, hvp_impl = variant_config(
+    setup["config"], base, args.ste_bits
+  )
   config.batch_size = setup["batch"]
-  model = train.create_model(config, setup["num_classes"])
+  model = models.from_config(config, setup["num_classes"])
   lr = optax.constant_schedule(0.01)
   tx = train.create_optimizer(config, lr)
   replicated, batch_sharding = shardings
-  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                           batch_stats=batch_stats, opt_state=tx.init(params))
+  state = train.TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    batch_stats=batch_stats,
+    opt_state=tx.init(params),
+  )
   # A private copy: the step donates (and so deletes) its input state.
-  state = jax.device_put(jax.tree.map(lambda x: jnp.array(x, copy=True), state),
-                         replicated)
-  step = train.make_train_step(model, config, tx, lr, regularized=regularized)
-  jitted = jax.jit(step, donate_argnums=0,
-                   in_shardings=(replicated, batch_sharding, replicated),
-                   out_shardings=(replicated, replicated))
-  previous = penalty._HVP_IMPL  # pylint: disable=protected-access
-  penalty._HVP_IMPL = hvp_impl  # pylint: disable=protected-access
+  state = jax.device_put(
+    jax.tree.map(lambda x: jnp.array(x, copy=True), state), replicated
+  )
+  step = make_train_step(
+    model, config, tx, lr, regularized=regularized, hvp_impl=hvp_impl
+  )
+  jitted = jax.jit(
+    step,
+    donate_argnums=0,
+    in_shardings=(replicated, batch_sharding, replicated),
+    out_shardings=(replicated, replicated),
+  )
   max_pool = nn.max_pool
   if "rpool" in mods:
     nn.max_pool = _reshape_max_pool(max_pool)
@@ -292,20 +424,23 @@ def build_jax_variant(setup, variant: str, args, params, batch_stats, batch,
     compiled = lowered.compile(compiler_options=compiler_options or None)
     compile_s = time.perf_counter() - t0
   finally:
-    penalty._HVP_IMPL = previous  # pylint: disable=protected-access
     nn.max_pool = max_pool
   cost = _first(compiled.cost_analysis()) or {}
   mem = compiled.memory_analysis()
   memory = None
   if mem is not None:
     memory = {
-        "temp_bytes": int(mem.temp_size_in_bytes),
-        "argument_bytes": int(mem.argument_size_in_bytes),
-        "output_bytes": int(mem.output_size_in_bytes),
-        "alias_bytes": int(mem.alias_size_in_bytes),
+      "temp_bytes": int(mem.temp_size_in_bytes),
+      "argument_bytes": int(mem.argument_size_in_bytes),
+      "output_bytes": int(mem.output_size_in_bytes),
+      "alias_bytes": int(mem.alias_size_in_bytes),
     }
-    memory["peak_bytes"] = (memory["argument_bytes"] + memory["output_bytes"]
-                            - memory["alias_bytes"] + memory["temp_bytes"])
+    memory["peak_bytes"] = (
+      memory["argument_bytes"]
+      + memory["output_bytes"]
+      - memory["alias_bytes"]
+      + memory["temp_bytes"]
+    )
   holder = {"state": state}
 
   def run(steps: int) -> None:
@@ -316,37 +451,43 @@ def build_jax_variant(setup, variant: str, args, params, batch_stats, batch,
     holder["state"] = s
 
   return {
-      "run": run,
-      "compiled": compiled,
-      "framework": "jax",
-      "compile_s": compile_s,
-      "flops": float(cost.get("flops", float("nan"))),
-      "bytes_accessed": float(cost.get("bytes accessed", float("nan"))),
-      "memory": memory,
+    "run": run,
+    "compiled": compiled,
+    "framework": "jax",
+    "compile_s": compile_s,
+    "flops": float(cost.get("flops", float("nan"))),
+    "bytes_accessed": float(cost.get("bytes accessed", float("nan"))),
+    "memory": memory,
   }
 
 
-def build_peer_variant(setup, model_name: str, variant: str, args,
-                       peers: dict[str, Any]) -> dict[str, Any]:
+def build_peer_variant(
+  setup, model_name: str, variant: str, args, peers: dict[str, Any]
+) -> dict[str, Any]:
   """The PyTorch peer's step (one model object shared by both variants)."""
   import peer_torch  # pylint: disable=g-import-not-at-top
+
   if model_name not in peers:
     peers[model_name] = peer_torch.Peer(
-        model_name, num_classes=setup["num_classes"],
-        image_shape=setup["image_shape"], batch=setup["batch"],
-        vgg_width=args.vgg_width, resnet_filters=args.resnet_filters,
-        threads=args.threads or os.cpu_count())
+      model_name,
+      num_classes=setup["num_classes"],
+      image_shape=setup["image_shape"],
+      batch=setup["batch"],
+      vgg_width=args.vgg_width,
+      resnet_filters=args.resnet_filters,
+      threads=args.threads or os.cpu_count(),
+    )
   peer = peers[model_name]
   regularized = variant == "torch_l1"
   t0 = time.perf_counter()
   peer.step(regularized)  # first call: allocator warm-up
   return {
-      "run": lambda steps: peer.run(regularized, steps),
-      "framework": "torch",
-      "compile_s": time.perf_counter() - t0,
-      "flops": float("nan"),
-      "bytes_accessed": float("nan"),
-      "memory": None,
+    "run": lambda steps: peer.run(regularized, steps),
+    "framework": "torch",
+    "compile_s": time.perf_counter() - t0,
+    "flops": float("nan"),
+    "bytes_accessed": float("nan"),
+    "memory": None,
   }
 
 
@@ -357,24 +498,29 @@ def build_peer_variant(setup, model_name: str, variant: str, args,
 def bench_model(model_name: str, variants: list[str], args) -> dict[str, Any]:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top
   from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from l1grad import models  # pylint: disable=g-import-not-at-top
   from l1grad import train  # pylint: disable=g-import-not-at-top
 
   setup = model_setup(model_name, args)
   mesh = train.data_mesh()
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P("data"))
-  model = train.create_model(setup["config"], setup["num_classes"])
+  model = models.from_config(setup["config"], setup["num_classes"])
   params, batch_stats = train.init_variables(model, setup["image_shape"], 0)
   rs = np.random.RandomState(0)
   batch = {
-      "image": rs.randn(setup["batch"], *setup["image_shape"]).astype(np.float32),
-      "label": rs.randint(0, setup["num_classes"], setup["batch"]).astype(np.int32),
+    "image": rs.randn(setup["batch"], *setup["image_shape"]).astype(np.float32),
+    "label": rs.randint(0, setup["num_classes"], setup["batch"]).astype(
+      np.int32
+    ),
   }
-  batch = jax.device_put({k: jnp.asarray(v) for k, v in batch.items()},
-                         batch_sharding)
+  batch = jax.device_put(
+    {k: jnp.asarray(v) for k, v in batch.items()}, batch_sharding
+  )
   rng = jax.device_put(jax.random.key(0), replicated)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 
@@ -386,11 +532,21 @@ def bench_model(model_name: str, variants: list[str], args) -> dict[str, Any]:
         continue
       built[v] = build_peer_variant(setup, model_name, v, args, peers)
     else:
-      built[v] = build_jax_variant(setup, v, args, params, batch_stats, batch,
-                                   rng, (replicated, batch_sharding))
+      built[v] = build_jax_variant(
+        setup,
+        v,
+        args,
+        params,
+        batch_stats,
+        batch,
+        rng,
+        (replicated, batch_sharding),
+      )
     if not args.quiet:
-      print(f"  [{model_name}] built {v} in {built[v]['compile_s']:.1f}s",
-            flush=True)
+      print(
+        f"  [{model_name}] built {v} in {built[v]['compile_s']:.1f}s",
+        flush=True,
+      )
   names = list(built)
   if args.compile_only:
     names = [v for v in names if built[v]["framework"] == "jax"]
@@ -402,7 +558,7 @@ def bench_model(model_name: str, variants: list[str], args) -> dict[str, Any]:
   cpu_times: dict[str, list[float]] = {v: [] for v in names}
   loads = [os.getloadavg()]
   for r in range(0 if args.compile_only else args.repeats):
-    order = names[r % len(names):] + names[:r % len(names)]
+    order = names[r % len(names) :] + names[: r % len(names)]
     for v in order:
       c0, t0 = time.process_time(), time.perf_counter()
       built[v]["run"](args.steps)
@@ -424,41 +580,43 @@ def bench_model(model_name: str, variants: list[str], args) -> dict[str, Any]:
     base = med.get("torch_plain" if b["framework"] == "torch" else plain_name)
     m = med[v]
     row = {
-        "framework": b["framework"],
-        "median_s": m,
-        "min_s": min(times[v]) if timed else None,
-        "times_s": times[v],
-        # CPU seconds of this process per step (all threads): less sensitive
-        # to other processes than wall time, but it counts spin-waiting.
-        "cpu_s": statistics.median(cpu_times[v]) if timed else None,
-        "images_per_s": setup["batch"] / m if timed else None,
-        "ratio_to_plain": m / base if timed and base else None,
-        "ratio_base": "torch_plain" if b["framework"] == "torch" else plain_name,
-        "ratio_to_jax_plain": m / plain if timed and plain else None,
-        "compile_s": b["compile_s"],
-        "flops": b["flops"],
-        "bytes_accessed": b["bytes_accessed"],
-        "memory": b["memory"],
+      "framework": b["framework"],
+      "median_s": m,
+      "min_s": min(times[v]) if timed else None,
+      "times_s": times[v],
+      # CPU seconds of this process per step (all threads): less sensitive
+      # to other processes than wall time, but it counts spin-waiting.
+      "cpu_s": statistics.median(cpu_times[v]) if timed else None,
+      "images_per_s": setup["batch"] / m if timed else None,
+      "ratio_to_plain": m / base if timed and base else None,
+      "ratio_base": "torch_plain" if b["framework"] == "torch" else plain_name,
+      "ratio_to_jax_plain": m / plain if timed and plain else None,
+      "compile_s": b["compile_s"],
+      "flops": b["flops"],
+      "bytes_accessed": b["bytes_accessed"],
+      "memory": b["memory"],
     }
     if plain_b is not None and b["framework"] == "jax":
       row["flops_ratio"] = b["flops"] / plain_b["flops"]
       if b["memory"] and plain_b["memory"]:
-        row["peak_ratio"] = (b["memory"]["peak_bytes"]
-                             / plain_b["memory"]["peak_bytes"])
-        row["temp_ratio"] = (b["memory"]["temp_bytes"]
-                             / max(plain_b["memory"]["temp_bytes"], 1))
+        row["peak_ratio"] = (
+          b["memory"]["peak_bytes"] / plain_b["memory"]["peak_bytes"]
+        )
+        row["temp_ratio"] = b["memory"]["temp_bytes"] / max(
+          plain_b["memory"]["temp_bytes"], 1
+        )
     rows[v] = row
   return {
-      "model": model_name,
-      "description": setup["desc"],
-      "batch": setup["batch"],
-      "image_shape": list(setup["image_shape"]),
-      "num_classes": setup["num_classes"],
-      "params": n_params,
-      "repeats": 0 if args.compile_only else args.repeats,
-      "steps_per_repeat": args.steps,
-      "loadavg_during": [list(x) for x in loads],
-      "variants": rows,
+    "model": model_name,
+    "description": setup["desc"],
+    "batch": setup["batch"],
+    "image_shape": list(setup["image_shape"]),
+    "num_classes": setup["num_classes"],
+    "params": n_params,
+    "repeats": 0 if args.compile_only else args.repeats,
+    "steps_per_repeat": args.steps,
+    "loadavg_during": [list(x) for x in loads],
+    "variants": rows,
   }
 
 
@@ -468,6 +626,7 @@ def bench_model(model_name: str, variants: list[str], args) -> dict[str, Any]:
 
 def machine_info() -> dict[str, Any]:
   import jax  # pylint: disable=g-import-not-at-top
+
   cpu = platform.processor()
   try:
     with open("/proc/cpuinfo") as f:
@@ -478,16 +637,17 @@ def machine_info() -> dict[str, Any]:
   except OSError:
     pass
   info = {
-      "nproc": os.cpu_count(),
-      "cpu": cpu,
-      "jax": jax.__version__,
-      "device": str(jax.devices()[0].device_kind),
-      "backend": jax.default_backend(),
-      "python": platform.python_version(),
-      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "nproc": os.cpu_count(),
+    "cpu": cpu,
+    "jax": jax.__version__,
+    "device": str(jax.devices()[0].device_kind),
+    "backend": jax.default_backend(),
+    "python": platform.python_version(),
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
   }
   try:
     import torch  # pylint: disable=g-import-not-at-top
+
     info["torch"] = torch.__version__
   except ImportError:
     pass
@@ -495,37 +655,48 @@ def machine_info() -> dict[str, Any]:
 
 
 def markdown(result: dict[str, Any]) -> str:
+  def fmt(x: Any, spec: str) -> str:
+    return "—" if x is None or x != x else format(x, spec)
+
+  def ms(x: float | None) -> str:
+    return fmt(None if x is None else 1e3 * x, ".1f")
+
   lines = []
   for m in result["models"]:
     la = m["loadavg_during"]
     lines.append(
-        f"**{m['description']}**, batch {m['batch']}, input "
-        f"{'×'.join(map(str, m['image_shape']))}, {m['params']:,} parameters; "
-        + (f"{m['repeats']} repeats × {m['steps_per_repeat']} steps; "
-           if m["repeats"] else "compiled only, not run; ")
-        + f"load average "
-        f"(1 min) {la[0][0]:.2f} before, {max(x[0] for x in la):.2f} max, "
-        f"{la[-1][0]:.2f} after.")
+      f"**{m['description']}**, batch {m['batch']}, input "
+      f"{'×'.join(map(str, m['image_shape']))}, {m['params']:,} parameters; "
+      + (
+        f"{m['repeats']} repeats × {m['steps_per_repeat']} steps; "
+        if m["repeats"]
+        else "compiled only, not run; "
+      )
+      + f"load average "
+      f"(1 min) {la[0][0]:.2f} before, {max(x[0] for x in la):.2f} max, "
+      f"{la[-1][0]:.2f} after."
+    )
     lines.append("")
-    lines.append("| variant | step ms (median) | min ms | CPU ms | images/s |"
-                 " × plain | flops × plain | compile s | peak MiB | × plain |"
-                 " temp MiB |")
+    lines.append(
+      "| variant | step ms (median) | min ms | CPU ms | images/s |"
+      " × plain | flops × plain | compile s | peak MiB | × plain |"
+      " temp MiB |"
+    )
     lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for v, r in m["variants"].items():
       mem = r["memory"]
-      fmt = lambda x, spec: "—" if x is None or x != x else format(x, spec)
-      ms = lambda x: fmt(None if x is None else 1e3 * x, ".1f")
       ratio = fmt(r["ratio_to_plain"], ".2f")
       if r["framework"] == "torch" and r.get("ratio_to_jax_plain"):
         ratio += f" (× JAX plain {r['ratio_to_jax_plain']:.2f})"
       lines.append(
-          f"| {v} | {ms(r['median_s'])} | {ms(r['min_s'])} | "
-          f"{fmt(None if r['cpu_s'] is None else 1e3 * r['cpu_s'], '.0f')} | "
-          f"{fmt(r['images_per_s'], '.0f')} | {ratio} | "
-          f"{fmt(r.get('flops_ratio'), '.2f')} | {r['compile_s']:.1f} | "
-          f"{fmt(mem['peak_bytes'] / 2**20 if mem else None, '.1f')} | "
-          f"{fmt(r.get('peak_ratio'), '.2f')} | "
-          f"{fmt(mem['temp_bytes'] / 2**20 if mem else None, '.1f')} |")
+        f"| {v} | {ms(r['median_s'])} | {ms(r['min_s'])} | "
+        f"{fmt(None if r['cpu_s'] is None else 1e3 * r['cpu_s'], '.0f')} | "
+        f"{fmt(r['images_per_s'], '.0f')} | {ratio} | "
+        f"{fmt(r.get('flops_ratio'), '.2f')} | {r['compile_s']:.1f} | "
+        f"{fmt(mem['peak_bytes'] / 2**20 if mem else None, '.1f')} | "
+        f"{fmt(r.get('peak_ratio'), '.2f')} | "
+        f"{fmt(mem['temp_bytes'] / 2**20 if mem else None, '.1f')} |"
+      )
     lines.append("")
   return "\n".join(lines)
 
@@ -534,18 +705,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   args = parse_args(argv)
   if args.xla_flags:
     os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
+      os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags
+    ).strip()
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  models = (["resnet18_imagenet"] if args.imagenet
-            else [m for m in args.models.split(",") if m])
+  models = (
+    ["resnet18_imagenet"]
+    if args.imagenet
+    else [m for m in args.models.split(",") if m]
+  )
   variants = [v for v in args.variants.split(",") if v]
   if args.peer:
     variants += [v for v in PEER_VARIANTS if v not in variants]
-  unknown = sorted({split_variant(v)[0] for v in variants}
-                   - set(JAX_VARIANTS) - set(PEER_VARIANTS))
+  unknown = sorted(
+    {split_variant(v)[0] for v in variants}
+    - set(JAX_VARIANTS)
+    - set(PEER_VARIANTS)
+  )
   if unknown:
-    raise SystemExit(f"unknown variants {unknown}; valid: "
-                     f"{JAX_VARIANTS + PEER_VARIANTS}")
+    raise SystemExit(
+      f"unknown variants {unknown}; valid: {JAX_VARIANTS + PEER_VARIANTS}"
+    )
   if "plain" not in variants:
     variants.insert(0, "plain")
 
@@ -557,13 +736,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       print(f"{name}: building {len(variants)} variants", flush=True)
     results.append(bench_model(name, variants, args))
   result = {
-      "started": started,
-      "command": "python benchmarks/step_time.py " + " ".join(
-          sys.argv[1:] if argv is None else argv),
-      "machine": machine_info(),
-      "loadavg_before": list(load_before),
-      "loadavg_after": list(os.getloadavg()),
-      "models": results,
+    "started": started,
+    "command": "python benchmarks/step_time.py "
+    + " ".join(sys.argv[1:] if argv is None else argv),
+    "machine": machine_info(),
+    "loadavg_before": list(load_before),
+    "loadavg_after": list(os.getloadavg()),
+    "models": results,
   }
   table = markdown(result)
   if not args.quiet:

@@ -42,7 +42,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.reg.kind = "none"  # "none", "l1", "l2" or "dq".
   # λ_w; for "dq" the orthogonality strength β.
   config.reg.weight_coef = 0.0
-  config.reg.act_coef = -1.0  # λ_a; -1: same as weight_coef (the paper's one λ).
+  config.reg.act_coef = (
+    -1.0
+  )  # λ_a; -1: same as weight_coef (the paper's one λ).
   config.reg.method = "hvp"  # "hvp", "reverse" or "finite_difference".
   config.reg.fd_step = 1e-3  # probe distance of "finite_difference".
   # Regularize only the last N epochs (the paper: 15); -1: every epoch.

@@ -12,9 +12,9 @@ def check_bits(bits: int, what: str = "bit-width") -> int:
   """Returns ``bits`` if it lies in [2, 16], else raises :class:`ConfigError`."""
   if not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
     raise ConfigError(
-        f"{what} must be an integer between {MIN_BITS} and {MAX_BITS}, got"
-        f" {bits!r}. 1-bit and wider-than-16 grids are not supported by the"
-        " uniform symmetric quantizer; pick a value in range."
+      f"{what} must be an integer between {MIN_BITS} and {MAX_BITS}, got"
+      f" {bits!r}. 1-bit and wider-than-16 grids are not supported by the"
+      " uniform symmetric quantizer; pick a value in range."
     )
   return bits
 
@@ -26,11 +26,12 @@ def parse_pair(text: str) -> tuple[int, int]:
     w, a = (int(p) for p in parts)
   except ValueError:
     raise ConfigError(
-        f"Bit-width pair {text!r} is not of the form W:A, e.g. 8:4 (8-bit"
-        " weights, 4-bit activations)."
+      f"Bit-width pair {text!r} is not of the form W:A, e.g. 8:4 (8-bit"
+      " weights, 4-bit activations)."
     ) from None
   return check_bits(w, f"weight bits in {text!r}"), check_bits(
-      a, f"activation bits in {text!r}")
+    a, f"activation bits in {text!r}"
+  )
 
 
 def parse_pairs(text: str) -> list[tuple[int, int]]:

@@ -44,8 +44,9 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
-def manager(workdir: str, *, keep: int = 3, read_only: bool = False
-            ) -> ocp.CheckpointManager:
+def manager(
+  workdir: str, *, keep: int = 3, read_only: bool = False
+) -> ocp.CheckpointManager:
   """The run's checkpoint manager (saves are asynchronous).
 
   Args:
@@ -55,32 +56,45 @@ def manager(workdir: str, *, keep: int = 3, read_only: bool = False
       one in the workdir, since it deletes temporary folders it finds.
   """
   options = ocp.CheckpointManagerOptions(
-      # Read-only managers neither save nor delete; Orbax warns unless the
-      # saving options are off too.
-      max_to_keep=None if read_only else keep,
-      save_interval_steps=0 if read_only else 1,
-      create=not read_only, read_only=read_only,
-      # A kill mid-save leaves a temporary folder behind; it is never read,
-      # only wasted space, so the next writer removes it.
-      cleanup_tmp_directories=not read_only)
+    # Read-only managers neither save nor delete; Orbax warns unless the
+    # saving options are off too.
+    max_to_keep=None if read_only else keep,
+    save_interval_steps=0 if read_only else 1,
+    create=not read_only,
+    read_only=read_only,
+    # A kill mid-save leaves a temporary folder behind; it is never read,
+    # only wasted space, so the next writer removes it.
+    cleanup_tmp_directories=not read_only,
+  )
   # Handlers named up front (not inferred at the first save or restore), so
   # the state's metadata (shapes, dtypes) can be read before restoring it.
-  handlers = {"state": ocp.StandardCheckpointHandler(),
-              "config": ocp.JsonCheckpointHandler(),
-              "metrics": ocp.JsonCheckpointHandler()}
+  handlers = {
+    "state": ocp.StandardCheckpointHandler(),
+    "config": ocp.JsonCheckpointHandler(),
+    "metrics": ocp.JsonCheckpointHandler(),
+  }
   return ocp.CheckpointManager(
-      checkpoint_dir(workdir), options=options, item_handlers=handlers)
+    checkpoint_dir(workdir), options=options, item_handlers=handlers
+  )
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state: dict[str, Any],
-         config: ml_collections.ConfigDict, history: list[dict[str, Any]]
-         ) -> None:
+def save(
+  mngr: ocp.CheckpointManager,
+  step: int,
+  state: dict[str, Any],
+  config: ml_collections.ConfigDict,
+  history: list[dict[str, Any]],
+) -> None:
   """Saves ``state`` (a pytree of arrays), the config and the metrics."""
-  mngr.save(step, args=ocp.args.Composite(
+  mngr.save(
+    step,
+    args=ocp.args.Composite(
       state=ocp.args.StandardSave(state),
       config=ocp.args.JsonSave(config.to_dict()),
       metrics=ocp.args.JsonSave({"history": history}),
-  ), force=True)
+    ),
+    force=True,
+  )
 
 
 def reader_sharding() -> jax.sharding.Sharding:
@@ -97,8 +111,10 @@ def reader_sharding() -> jax.sharding.Sharding:
   if jax.process_count() == 1:
     return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   mesh = jax.sharding.Mesh(
-      np.asarray(jax.devices()), ("replica",),
-      axis_types=(jax.sharding.AxisType.Auto,))
+    np.asarray(jax.devices()),
+    ("replica",),
+    axis_types=(jax.sharding.AxisType.Auto,),
+  )
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
@@ -118,8 +134,9 @@ def _abstract_state(mngr: ocp.CheckpointManager, step: int) -> Any:
   return jax.tree.map(leaf, tree)
 
 
-def restore(mngr: ocp.CheckpointManager, step: int, target: Any | None
-            ) -> tuple[Any, ml_collections.ConfigDict, list[dict[str, Any]]]:
+def restore(
+  mngr: ocp.CheckpointManager, step: int, target: Any | None
+) -> tuple[Any, ml_collections.ConfigDict, list[dict[str, Any]]]:
   """Restores ``(state, config, history)``; ``target`` gives shapes/shardings.
 
   Without ``target`` (readers: evaluation, analysis, export), the shapes and
@@ -130,37 +147,46 @@ def restore(mngr: ocp.CheckpointManager, step: int, target: Any | None
     CheckpointError: the step is unreadable or does not match ``target``.
   """
   try:
-    abstract = (_abstract_state(mngr, step) if target is None else
-                jax.tree.map(ocp.utils.to_shape_dtype_struct, target))
-    restored = mngr.restore(step, args=ocp.args.Composite(
+    abstract = (
+      _abstract_state(mngr, step)
+      if target is None
+      else jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    )
+    restored = mngr.restore(
+      step,
+      args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract),
         config=ocp.args.JsonRestore(),
         metrics=ocp.args.JsonRestore(),
-    ))
+      ),
+    )
   except Exception as e:  # Orbax raises many types for unreadable data.
     raise CheckpointError(
-        f"Could not read checkpoint step {step} in {mngr.directory}:"
-        f" {type(e).__name__}: {_first_line(e)}\nIf it was copied partially,"
-        " copy it again or delete that step's folder to fall back to an"
-        " earlier one; if the model or config changed, train into a new"
-        " --workdir."
+      f"Could not read checkpoint step {step} in {mngr.directory}:"
+      f" {type(e).__name__}: {_first_line(e)}\nIf it was copied partially,"
+      " copy it again or delete that step's folder to fall back to an"
+      " earlier one; if the model or config changed, train into a new"
+      " --workdir."
     ) from e
   config = ml_collections.ConfigDict(restored["config"])
   return restored["state"], config, list(restored["metrics"]["history"])
 
 
-def stored_config(mngr: ocp.CheckpointManager, step: int
-                  ) -> ml_collections.ConfigDict:
+def stored_config(
+  mngr: ocp.CheckpointManager, step: int
+) -> ml_collections.ConfigDict:
   """The config saved with ``step``, read without the state."""
   try:
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        config=ocp.args.JsonRestore()))
+    restored = mngr.restore(
+      step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
+    )
   except Exception as e:  # Orbax raises many types for unreadable data.
     raise CheckpointError(
-        f"Could not read the config of checkpoint step {step} in"
-        f" {mngr.directory}: {type(e).__name__}: {_first_line(e)}. Delete"
-        " that step's folder to fall back to an earlier one, or use a new"
-        " --workdir.") from e
+      f"Could not read the config of checkpoint step {step} in"
+      f" {mngr.directory}: {type(e).__name__}: {_first_line(e)}. Delete"
+      " that step's folder to fall back to an earlier one, or use a new"
+      " --workdir."
+    ) from e
   return ml_collections.ConfigDict(restored["config"])
 
 
@@ -188,20 +214,27 @@ def load_run(workdir: str, step: int | None = None) -> Run:
   directory = checkpoint_dir(workdir)
   if not os.path.isdir(directory):
     raise CheckpointError(
-        f"No checkpoint in {os.path.abspath(workdir)!r} (no checkpoints/"
-        " folder). Pass the --workdir that train.py wrote, or train first:"
-        f" python train.py --config configs/digits.py --workdir {workdir}")
+      f"No checkpoint in {os.path.abspath(workdir)!r} (no checkpoints/"
+      " folder). Pass the --workdir that train.py wrote, or train first:"
+      f" python train.py --config configs/digits.py --workdir {workdir}"
+    )
   mngr = manager(workdir, read_only=True)
   try:
     if step is None:
       step = mngr.latest_step()
     if step is None:
       raise CheckpointError(
-          f"{directory!r} holds no complete checkpoint (a run killed before"
-          " its first save leaves none). Re-run the training command to"
-          " produce one.")
+        f"{directory!r} holds no complete checkpoint (a run killed before"
+        " its first save leaves none). Re-run the training command to"
+        " produce one."
+      )
     state, config, _ = restore(mngr, step, None)
   finally:
     mngr.close()
-  return Run(os.path.abspath(workdir), config, int(step), state["params"],
-             state.get("batch_stats", {}))
+  return Run(
+    os.path.abspath(workdir),
+    config,
+    int(step),
+    state["params"],
+    state.get("batch_stats", {}),
+  )

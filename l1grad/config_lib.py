@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from flax import traverse_util
 import jax
 import ml_collections
 
@@ -26,9 +27,17 @@ DATASETS = data.DATASETS
 
 # Fields that do not change what a run computes: a resumed run may differ in
 # these from the run that wrote the checkpoint.
-_RUN_NEUTRAL = ("log_every_steps", "eval_every_epochs", "checkpoint_every_steps",
-                "keep_checkpoints", "max_steps", "worker_count", "data_dir",
-                "max_eval_examples", "track_act_grad")
+_RUN_NEUTRAL = (
+  "log_every_steps",
+  "eval_every_epochs",
+  "checkpoint_every_steps",
+  "keep_checkpoints",
+  "max_steps",
+  "worker_count",
+  "data_dir",
+  "max_eval_examples",
+  "track_act_grad",
+)
 
 
 def act_coef(config: ml_collections.ConfigDict) -> float:
@@ -38,7 +47,11 @@ def act_coef(config: ml_collections.ConfigDict) -> float:
 
 
 def eval_batch_size(config: ml_collections.ConfigDict) -> int:
-  return config.batch_size if config.eval_batch_size == -1 else config.eval_batch_size
+  return (
+    config.batch_size
+    if config.eval_batch_size == -1
+    else config.eval_batch_size
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,16 +68,21 @@ class StepPlan:
     return step >= self.reg_start_step
 
 
-def step_plan(config: ml_collections.ConfigDict, steps_per_epoch: int) -> StepPlan:
+def step_plan(
+  config: ml_collections.ConfigDict, steps_per_epoch: int
+) -> StepPlan:
   """The run's step arithmetic; ``steps_per_epoch`` comes from the data.
 
   Raises:
     ConfigError: the global batch is larger than the training split.
   """
   if steps_per_epoch <= 0:
-    _fail("batch_size", f"({config.batch_size}) is larger than the"
-          f" {config.dataset!r} training split, so an epoch has no step.",
-          "Use a smaller global batch size.")
+    _fail(
+      "batch_size",
+      f"({config.batch_size}) is larger than the"
+      f" {config.dataset!r} training split, so an epoch has no step.",
+      "Use a smaller global batch size.",
+    )
   total = config.num_epochs * steps_per_epoch
   last = total if config.max_steps < 0 else min(total, config.max_steps)
   if config.reg.kind == "none":
@@ -73,8 +91,11 @@ def step_plan(config: ml_collections.ConfigDict, steps_per_epoch: int) -> StepPl
     reg_start = 0
   else:
     reg_start = total - config.reg.last_epochs * steps_per_epoch
-  every = (steps_per_epoch if config.checkpoint_every_steps < 0
-           else config.checkpoint_every_steps)
+  every = (
+    steps_per_epoch
+    if config.checkpoint_every_steps < 0
+    else config.checkpoint_every_steps
+  )
   return StepPlan(steps_per_epoch, total, last, reg_start, max(every, 1))
 
 
@@ -82,10 +103,13 @@ def _fail(field: str, problem: str, fix: str) -> None:
   raise ConfigError(f"config.{field}: {problem} {fix}")
 
 
-def _check_choice(field: str, value: object, choices: tuple[str, ...],
-                  what: str) -> None:
+def _check_choice(
+  field: str, value: object, choices: tuple[str, ...], what: str
+) -> None:
   if value not in choices:
-    _fail(field, f"unknown {what} {value!r}.", f"Use one of {', '.join(choices)}.")
+    _fail(
+      field, f"unknown {what} {value!r}.", f"Use one of {', '.join(choices)}."
+    )
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -96,35 +120,57 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_choice("reg.kind", reg.kind, REG_KINDS, "regularization")
   _check_choice("reg.method", reg.method, REG_METHODS, "method")
   if reg.weight_coef < 0:
-    _fail("reg.weight_coef", f"is negative ({reg.weight_coef}).",
-          "Coefficients must be >= 0 (0 switches the term off).")
+    _fail(
+      "reg.weight_coef",
+      f"is negative ({reg.weight_coef}).",
+      "Coefficients must be >= 0 (0 switches the term off).",
+    )
   if reg.act_coef < 0 and reg.act_coef != -1:
-    _fail("reg.act_coef", f"is negative ({reg.act_coef}).",
-          "Use a value >= 0, or -1 for 'same as reg.weight_coef'.")
+    _fail(
+      "reg.act_coef",
+      f"is negative ({reg.act_coef}).",
+      "Use a value >= 0, or -1 for 'same as reg.weight_coef'.",
+    )
   if reg.kind == "none":
     # A coefficient without a kind is a forgotten flag, not a choice.
-    ignored = [f"reg.{f}={reg[f]}" for f, off in (("weight_coef", (0,)),
-                                                   ("act_coef", (0, -1)))
-               if reg[f] not in off]
+    ignored = [
+      f"reg.{f}={reg[f]}"
+      for f, off in (("weight_coef", (0,)), ("act_coef", (0, -1)))
+      if reg[f] not in off
+    ]
     if ignored:
-      _fail("reg.kind", f"is 'none', so {' and '.join(ignored)} would be"
-            " silently ignored.", "Set --config.reg.kind=l1 (or l2, dq) to"
-            " regularize, or --config.reg.weight_coef=0 (and"
-            " --config.reg.act_coef=-1) for an unregularized run.")
+      _fail(
+        "reg.kind",
+        f"is 'none', so {' and '.join(ignored)} would be silently ignored.",
+        "Set --config.reg.kind=l1 (or l2, dq) to"
+        " regularize, or --config.reg.weight_coef=0 (and"
+        " --config.reg.act_coef=-1) for an unregularized run.",
+      )
   if reg.fd_step <= 0:
-    _fail("reg.fd_step", f"must be positive, got {reg.fd_step}.",
-          "The default 1e-3 suits float32.")
+    _fail(
+      "reg.fd_step",
+      f"must be positive, got {reg.fd_step}.",
+      "The default 1e-3 suits float32.",
+    )
   if config.num_epochs <= 0:
-    _fail("num_epochs", f"must be positive, got {config.num_epochs}.",
-          "Set the number of training epochs.")
+    _fail(
+      "num_epochs",
+      f"must be positive, got {config.num_epochs}.",
+      "Set the number of training epochs.",
+    )
   if reg.last_epochs > config.num_epochs:
-    _fail("reg.last_epochs",
-          f"({reg.last_epochs}) is longer than the run"
-          f" (num_epochs={config.num_epochs}).",
-          "Regularize at most every epoch: lower reg.last_epochs, or use -1.")
+    _fail(
+      "reg.last_epochs",
+      f"({reg.last_epochs}) is longer than the run"
+      f" (num_epochs={config.num_epochs}).",
+      "Regularize at most every epoch: lower reg.last_epochs, or use -1.",
+    )
   if reg.last_epochs < -1:
-    _fail("reg.last_epochs", f"is {reg.last_epochs}.",
-          "Use N >= 0 for the last N epochs, or -1 for every epoch.")
+    _fail(
+      "reg.last_epochs",
+      f"is {reg.last_epochs}.",
+      "Use N >= 0 for the last N epochs, or -1 for every epoch.",
+    )
   if config.qat.bits:
     try:
       bits_lib.parse_pair(config.qat.bits)
@@ -133,56 +179,86 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_choice("optimizer", config.optimizer, OPTIMIZERS, "optimizer")
   _check_choice("schedule", config.schedule, SCHEDULES, "schedule")
   if config.learning_rate <= 0:
-    _fail("learning_rate", f"must be positive, got {config.learning_rate}.",
-          "Set a positive peak learning rate.")
+    _fail(
+      "learning_rate",
+      f"must be positive, got {config.learning_rate}.",
+      "Set a positive peak learning rate.",
+    )
   for field in ("log_every_steps", "keep_checkpoints"):
     if config[field] <= 0:
-      _fail(field, f"must be positive, got {config[field]}.",
-            "Use a positive number (see configs/default.py).")
+      _fail(
+        field,
+        f"must be positive, got {config[field]}.",
+        "Use a positive number (see configs/default.py).",
+      )
   if config.checkpoint_every_steps == 0 or config.checkpoint_every_steps < -1:
-    _fail("checkpoint_every_steps", f"is {config.checkpoint_every_steps}.",
-          "Use a positive number of steps, or -1 for once per epoch.")
+    _fail(
+      "checkpoint_every_steps",
+      f"is {config.checkpoint_every_steps}.",
+      "Use a positive number of steps, or -1 for once per epoch.",
+    )
   if config.warmup_epochs < 0:
-    _fail("warmup_epochs", f"is negative ({config.warmup_epochs}).",
-          "Use 0 for no warmup or a positive number of epochs.")
+    _fail(
+      "warmup_epochs",
+      f"is negative ({config.warmup_epochs}).",
+      "Use 0 for no warmup or a positive number of epochs.",
+    )
   if config.compute_dtype not in ("float32", "bfloat16"):
-    _fail("compute_dtype", f"is {config.compute_dtype!r}.",
-          "Use 'float32' or 'bfloat16'.")
+    _fail(
+      "compute_dtype",
+      f"is {config.compute_dtype!r}.",
+      "Use 'float32' or 'bfloat16'.",
+    )
   n = jax.device_count()
-  for field, size in (("batch_size", config.batch_size),
-                      ("eval_batch_size", eval_batch_size(config))):
+  for field, size in (
+    ("batch_size", config.batch_size),
+    ("eval_batch_size", eval_batch_size(config)),
+  ):
     if size <= 0 or size % n:
-      _fail(field, f"({size}) is not a positive multiple of the {n}"
-            " device(s).", f"Use a global batch size divisible by {n}, e.g."
-            f" {max(n, (max(size, 1) // n) * n)}.")
+      _fail(
+        field,
+        f"({size}) is not a positive multiple of the {n} device(s).",
+        f"Use a global batch size divisible by {n}, e.g."
+        f" {max(n, (max(size, 1) // n) * n)}.",
+      )
   if config.init_from and not os.path.isdir(
-      os.path.join(config.init_from, "checkpoints")):
-    what = ("does not exist" if not os.path.exists(config.init_from)
-            else "holds no checkpoints/ folder")
-    _fail("init_from", f"{config.init_from!r} {what}.",
-          "Point it at the --workdir of a finished training run.")
+    os.path.join(config.init_from, "checkpoints")
+  ):
+    what = (
+      "does not exist"
+      if not os.path.exists(config.init_from)
+      else "holds no checkpoints/ folder"
+    )
+    _fail(
+      "init_from",
+      f"{config.init_from!r} {what}.",
+      "Point it at the --workdir of a finished training run.",
+    )
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
-  return out
+def _flat_fields(config: ml_collections.ConfigDict) -> dict[str, object]:
+  """``{"reg.kind": "l1", ...}``; tuples as lists, as a stored config has."""
+  flat = traverse_util.flatten_dict(config.to_dict(), sep=".")
+  return {k: list(v) if isinstance(v, tuple) else v for k, v in flat.items()}
 
 
-def check_same_run(config: ml_collections.ConfigDict,
-                   stored: ml_collections.ConfigDict, workdir: str) -> None:
+def check_same_run(
+  config: ml_collections.ConfigDict,
+  stored: ml_collections.ConfigDict,
+  workdir: str,
+) -> None:
   """Refuses to resume a workdir whose checkpoints come from another config."""
-  now, then = _flatten(config.to_dict()), _flatten(stored.to_dict())
-  diffs = [f"{k}: checkpoint {then.get(k)!r}, now {now.get(k)!r}"
-           for k in sorted(set(now) | set(then))
-           if k not in _RUN_NEUTRAL and now.get(k) != then.get(k)]
+  now, then = _flat_fields(config), _flat_fields(stored)
+  diffs = [
+    f"{k}: checkpoint {then.get(k)!r}, now {now.get(k)!r}"
+    for k in sorted(set(now) | set(then))
+    if k not in _RUN_NEUTRAL and now.get(k) != then.get(k)
+  ]
   if diffs:
     raise ConfigError(
-        f"{workdir} holds a run of a different config ("
-        + "; ".join(diffs[:6]) + ("; …" if len(diffs) > 6 else "") +
-        "). Use a new --workdir for a new run, or rerun with the original"
-        " config to resume it.")
+      f"{workdir} holds a run of a different config ("
+      + "; ".join(diffs[:6])
+      + ("; …" if len(diffs) > 6 else "")
+      + "). Use a new --workdir for a new run, or rerun with the original"
+      " config to resume it."
+    )

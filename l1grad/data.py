@@ -17,6 +17,14 @@ from a generator keyed on ``(seed, e, example index)``. A run restarted with
 threads or worker processes. Each process reads only its own slice of every
 global batch.
 
+The module is longer than the others because it holds one kind of thing,
+every dataset and its pipeline: sources (embedded arrays, tfds ArrayRecord
+files and the "not prepared" message), per-dataset preprocessing and
+augmentation, and the grain pipelines that batch them. It is the only code
+that reads data; the trainer, PTQ, analysis and export use its public
+functions (``get_info``, ``steps_per_epoch``, ``train_batches``,
+``eval_batches``, ``input_normalization``).
+
 Example::
 
   info = data.get_info("digits")
@@ -26,12 +34,12 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
 import dataclasses
 import functools
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from absl import flags
@@ -43,15 +51,15 @@ import PIL.Image
 from l1grad import errors
 
 __all__ = [
-    "DATASETS",
-    "DatasetInfo",
-    "DatasetNotFoundError",
-    "InputNormalization",
-    "eval_batches",
-    "get_info",
-    "input_normalization",
-    "steps_per_epoch",
-    "train_batches",
+  "DATASETS",
+  "DatasetInfo",
+  "DatasetNotFoundError",
+  "InputNormalization",
+  "eval_batches",
+  "get_info",
+  "input_normalization",
+  "steps_per_epoch",
+  "train_batches",
 ]
 
 Batch = dict[str, np.ndarray]
@@ -103,13 +111,13 @@ class _Spec:
 
 
 _SPECS: dict[str, _Spec] = {
-    "digits": _Spec((8, 8, 1), 10, ("train", "test")),
-    "cifar10": _Spec((32, 32, 3), 10, ("train", "test")),
-    # tfds' imagenet2012 "test" split has label -1 everywhere; everyone reports
-    # the 50k validation set, so "test" means "validation" here.
-    "imagenet2012": _Spec(
-        (224, 224, 3), 1000, ("train", "validation"), {"test": "validation"}
-    ),
+  "digits": _Spec((8, 8, 1), 10, ("train", "test")),
+  "cifar10": _Spec((32, 32, 3), 10, ("train", "test")),
+  # tfds' imagenet2012 "test" split has label -1 everywhere; everyone reports
+  # the 50k validation set, so "test" means "validation" here.
+  "imagenet2012": _Spec(
+    (224, 224, 3), 1000, ("train", "validation"), {"test": "validation"}
+  ),
 }
 DATASETS: tuple[str, ...] = tuple(_SPECS)
 
@@ -142,9 +150,11 @@ def _digits_scaled() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
   digits = sk_datasets.load_digits()
   images = digits.images.astype(np.float32) / 16.0
   labels = digits.target.astype(np.int32)
-  return tuple(model_selection.train_test_split(
+  return tuple(
+    model_selection.train_test_split(
       images, labels, test_size=360, stratify=labels, random_state=0
-  ))
+    )
+  )
 
 
 @functools.lru_cache(maxsize=1)
@@ -196,16 +206,15 @@ def _prepare_instructions(name: str, data_dir: str) -> str:
   # encode with TF); the builder also imports importlib_resources. Only
   # preparing needs them; reading the ArrayRecord files does not.
   build = (
-      "  pip install tensorflow importlib_resources\n"
-      f"  tfds build {name} --file_format=array_record --data_dir={data_dir}\n"
+    "  pip install tensorflow importlib_resources\n"
+    f"  tfds build {name} --file_format=array_record --data_dir={data_dir}\n"
   )
   if name == "imagenet2012":
     manual_dir = os.path.join(data_dir, "downloads", "manual")
     return (
-        "ImageNet cannot be downloaded automatically. Register at "
-        "https://image-net.org/download-images, put ILSVRC2012_img_train.tar "
-        f"and ILSVRC2012_img_val.tar into {manual_dir}/ and then run:\n"
-        + build
+      "ImageNet cannot be downloaded automatically. Register at "
+      "https://image-net.org/download-images, put ILSVRC2012_img_train.tar "
+      f"and ILSVRC2012_img_val.tar into {manual_dir}/ and then run:\n" + build
     )
   return "Prepare it once (downloads ~170 MB) with:\n" + build
 
@@ -225,14 +234,16 @@ def _tfds_source(name: str, split: str, data_dir: str | None) -> Any:
   try:
     # download=False: tfds would otherwise try to build the dataset here,
     # which needs TensorFlow and, for ImageNet, a manual download.
-    return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    return tfds.data_source(
+      name, split=split, data_dir=data_dir, download=False
+    )
   except (
-      NotImplementedError,  # No ArrayRecord files (tfds' message for "absent").
-      KeyError,  # tfds 4.9.10 with the default data_dir: "splits is empty".
-      AssertionError,
-      ValueError,
-      FileNotFoundError,
-      tfds.core.DatasetNotFoundError,
+    NotImplementedError,  # No ArrayRecord files (tfds' message for "absent").
+    KeyError,  # tfds 4.9.10 with the default data_dir: "splits is empty".
+    AssertionError,
+    ValueError,
+    FileNotFoundError,
+    tfds.core.DatasetNotFoundError,
   ) as e:
     resolved = _resolve_data_dir(data_dir)
     detail = ""
@@ -241,10 +252,10 @@ def _tfds_source(name: str, split: str, data_dir: str | None) -> Any:
       # tfds' own words tell which.
       detail = f"\ntfds: {type(e).__name__}: {e}"
     raise DatasetNotFoundError(
-        f"tfds dataset {name!r} (split {split!r}) is not prepared as "
-        f"ArrayRecord under data_dir={resolved!r}.\n"
-        + _prepare_instructions(name, resolved)
-        + detail
+      f"tfds dataset {name!r} (split {split!r}) is not prepared as "
+      f"ArrayRecord under data_dir={resolved!r}.\n"
+      + _prepare_instructions(name, resolved)
+      + detail
     ) from e
   finally:
     absl_logger.removeFilter(_drop_missing_variant_warning)
@@ -259,7 +270,7 @@ def _spec(name: str) -> _Spec:
     return _SPECS[name]
   except KeyError:
     raise errors.ConfigError(
-        f"Unknown dataset {name!r}; valid names: {', '.join(DATASETS)}."
+      f"Unknown dataset {name!r}; valid names: {', '.join(DATASETS)}."
     ) from None
 
 
@@ -268,7 +279,9 @@ def _split_name(name: str, split: str) -> str:
   split = spec.aliases.get(split, split)
   if split not in spec.splits:
     valid = sorted(set(spec.splits) | set(spec.aliases))
-    raise errors.ConfigError(f"{name!r} has no split {split!r}; valid: {valid}.")
+    raise errors.ConfigError(
+      f"{name!r} has no split {split!r}; valid: {valid}."
+    )
   return split
 
 
@@ -285,7 +298,7 @@ def _source(name: str, split: str, data_dir: str | None) -> Any:
 
 
 def _normalize(
-    image: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]
+  image: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]
 ) -> np.ndarray:
   scale = np.asarray(std, np.float32) * np.float32(255.0)
   shift = np.asarray(mean, np.float32) * np.float32(255.0)
@@ -308,7 +321,7 @@ def _pad_crop_flip(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def _inception_crop_box(
-    height: int, width: int, rng: np.random.Generator
+  height: int, width: int, rng: np.random.Generator
 ) -> tuple[int, int, int, int]:
   """Random-resized-crop box (top, left, h, w), as torchvision samples it.
 
@@ -342,13 +355,15 @@ def _to_rgb_pil(image: np.ndarray) -> PIL.Image.Image:
   return PIL.Image.fromarray(np.ascontiguousarray(image)).convert("RGB")
 
 
-def _imagenet_train_image(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def _imagenet_train_image(
+  image: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
   top, left, h, w = _inception_crop_box(image.shape[0], image.shape[1], rng)
   size = (_IMAGENET_SIZE, _IMAGENET_SIZE)
   # One PIL call crops and resizes; PIL's bilinear filter widens its support
   # when downscaling, i.e. it antialiases like torchvision's default.
   crop = _to_rgb_pil(image).resize(
-      size, PIL.Image.Resampling.BILINEAR, box=(left, top, left + w, top + h)
+    size, PIL.Image.Resampling.BILINEAR, box=(left, top, left + w, top + h)
   )
   return _random_flip(np.asarray(crop), rng)
 
@@ -359,23 +374,25 @@ def _imagenet_eval_image(image: np.ndarray) -> np.ndarray:
   scale = _IMAGENET_RESIZE / min(height, width)
   new_h = max(_IMAGENET_SIZE, int(round(height * scale)))
   new_w = max(_IMAGENET_SIZE, int(round(width * scale)))
-  resized = _to_rgb_pil(image).resize((new_w, new_h), PIL.Image.Resampling.BILINEAR)
+  resized = _to_rgb_pil(image).resize(
+    (new_w, new_h), PIL.Image.Resampling.BILINEAR
+  )
   top = int(round((new_h - _IMAGENET_SIZE) / 2.0))
   left = int(round((new_w - _IMAGENET_SIZE) / 2.0))
   return np.asarray(resized)[
-      top : top + _IMAGENET_SIZE, left : left + _IMAGENET_SIZE
+    top : top + _IMAGENET_SIZE, left : left + _IMAGENET_SIZE
   ]
 
 
 def _digits_preprocess(
-    image: np.ndarray, rng: np.random.Generator | None
+  image: np.ndarray, rng: np.random.Generator | None
 ) -> np.ndarray:
   del rng  # No augmentation: 8x8 digits lose too much to shifts and flips.
   return image  # Normalised once when loaded.
 
 
 def _cifar10_preprocess(
-    image: np.ndarray, rng: np.random.Generator | None
+  image: np.ndarray, rng: np.random.Generator | None
 ) -> np.ndarray:
   if rng is not None:
     image = _pad_crop_flip(image, rng)
@@ -383,7 +400,7 @@ def _cifar10_preprocess(
 
 
 def _imagenet_preprocess(
-    image: np.ndarray, rng: np.random.Generator | None
+  image: np.ndarray, rng: np.random.Generator | None
 ) -> np.ndarray:
   if rng is None:
     image = _imagenet_eval_image(image)
@@ -393,9 +410,9 @@ def _imagenet_preprocess(
 
 
 _PREPROCESS: dict[str, _Preprocess] = {
-    "digits": _digits_preprocess,
-    "cifar10": _cifar10_preprocess,
-    "imagenet2012": _imagenet_preprocess,
+  "digits": _digits_preprocess,
+  "cifar10": _cifar10_preprocess,
+  "imagenet2012": _imagenet_preprocess,
 }
 
 
@@ -433,15 +450,19 @@ class _TrainElement:
   def __call__(self, position: int) -> dict[str, np.ndarray]:
     step, j = divmod(position, self.local_batch_size)
     epoch, b = divmod(step, self.steps_per_epoch)
-    i = b * self.global_batch_size + self.process_index * self.local_batch_size + j
+    i = (
+      b * self.global_batch_size
+      + self.process_index * self.local_batch_size
+      + j
+    )
     index = int(self.order[epoch * self.num_examples + i])
     # Keyed on the example, not on the stream position, so augmentation is
     # independent of batch size, process count and where a run resumed.
     rng = np.random.default_rng([self.augment_seed, epoch, index])
     record = self.source[index]
     return {
-        "image": self.preprocess(record["image"], rng),
-        "label": np.int32(record["label"]),
+      "image": self.preprocess(record["image"], rng),
+      "label": np.int32(record["label"]),
     }
 
 
@@ -459,38 +480,42 @@ class _EvalElement:
 
   def __call__(self, position: int) -> dict[str, np.ndarray]:
     b, j = divmod(position, self.local_batch_size)
-    index = b * self.global_batch_size + self.process_index * self.local_batch_size + j
+    index = (
+      b * self.global_batch_size
+      + self.process_index * self.local_batch_size
+      + j
+    )
     if index >= self.num_examples:
       # Padding: never decoded, masked out; label 0 keeps any loss finite.
       return {
-          "image": np.zeros(self.image_shape, np.float32),
-          "label": np.int32(0),
-          "mask": np.bool_(False),
+        "image": np.zeros(self.image_shape, np.float32),
+        "label": np.int32(0),
+        "mask": np.bool_(False),
       }
     record = self.source[index]
     return {
-        "image": self.preprocess(record["image"], None),
-        "label": np.int32(record["label"]),
-        "mask": np.bool_(True),
+      "image": self.preprocess(record["image"], None),
+      "label": np.int32(record["label"]),
+      "mask": np.bool_(True),
     }
 
 
 def _local_batch_size(
-    global_batch_size: int, process_index: int, process_count: int
+  global_batch_size: int, process_index: int, process_count: int
 ) -> int:
   if global_batch_size <= 0:
     raise errors.ConfigError(
-        f"global_batch_size must be positive, got {global_batch_size}."
+      f"global_batch_size must be positive, got {global_batch_size}."
     )
   if process_count <= 0 or not 0 <= process_index < process_count:
     raise errors.ConfigError(
-        "Need 0 <= process_index < process_count, got "
-        f"{process_index=}, {process_count=}."
+      "Need 0 <= process_index < process_count, got "
+      f"{process_index=}, {process_count=}."
     )
   if global_batch_size % process_count:
     raise errors.ConfigError(
-        f"global_batch_size={global_batch_size} is not divisible by "
-        f"process_count={process_count}."
+      f"global_batch_size={global_batch_size} is not divisible by "
+      f"process_count={process_count}."
     )
   return global_batch_size // process_count
 
@@ -513,7 +538,9 @@ def _iterate(ds: grain.MapDataset, worker_count: int) -> Iterator[Batch]:
     # and absl.app still parses argv normally if it runs later.
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
-    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    it_ds = it_ds.mp_prefetch(
+      grain.MultiprocessingOptions(num_workers=worker_count)
+    )
   it = iter(it_ds)
   try:
     yield from it
@@ -544,11 +571,11 @@ def get_info(name: str, *, data_dir: str | None = None) -> DatasetInfo:
   # Sizes come from the sources, not from stored metadata, so they are the
   # numbers the pipeline will actually iterate over.
   return DatasetInfo(
-      name=name,
-      image_shape=spec.image_shape,
-      num_classes=spec.num_classes,
-      num_train=len(_source(name, "train", data_dir)),
-      num_test=len(_source(name, "test", data_dir)),
+    name=name,
+    image_shape=spec.image_shape,
+    num_classes=spec.num_classes,
+    num_train=len(_source(name, "train", data_dir)),
+    num_test=len(_source(name, "test", data_dir)),
   )
 
 
@@ -592,38 +619,55 @@ def input_normalization(name: str) -> InputNormalization:
     x_train = _digits_scaled()[0]
     # The same float32 statistics _digits_splits standardises with.
     return InputNormalization(
-        name, "sklearn.datasets.load_digits().images: pixel values 0..16 (any"
-        " numeric dtype), shape [N, 8, 8] or [N, 8, 8, 1]", 16.0,
-        (float(x_train.mean()),), (float(x_train.std()),), shape)
+      name,
+      "sklearn.datasets.load_digits().images: pixel values 0..16 (any"
+      " numeric dtype), shape [N, 8, 8] or [N, 8, 8, 1]",
+      16.0,
+      (float(x_train.mean()),),
+      (float(x_train.std()),),
+      shape,
+    )
   if name == "cifar10":
     return InputNormalization(
-        name, "uint8 RGB 0..255, shape [N, 32, 32, 3]", 255.0, _CIFAR10_MEAN,
-        _CIFAR10_STD, shape)
+      name,
+      "uint8 RGB 0..255, shape [N, 32, 32, 3]",
+      255.0,
+      _CIFAR10_MEAN,
+      _CIFAR10_STD,
+      shape,
+    )
   if name == "imagenet2012":
     return InputNormalization(
-        name, f"uint8 RGB 0..255, shape [N, {_IMAGENET_SIZE}, {_IMAGENET_SIZE}, 3]:"
-        f" shorter side resized to {_IMAGENET_RESIZE} (bilinear), central crop", 255.0,
-        _IMAGENET_MEAN, _IMAGENET_STD, shape)
-  raise errors.ConfigError(f"No input normalisation recorded for {name!r} (add it here).")
+      name,
+      f"uint8 RGB 0..255, shape [N, {_IMAGENET_SIZE}, {_IMAGENET_SIZE}, 3]:"
+      f" shorter side resized to {_IMAGENET_RESIZE} (bilinear), central crop",
+      255.0,
+      _IMAGENET_MEAN,
+      _IMAGENET_STD,
+      shape,
+    )
+  raise errors.ConfigError(
+    f"No input normalisation recorded for {name!r} (add it here)."
+  )
 
 
 def steps_per_epoch(
-    name: str, global_batch_size: int, *, data_dir: str | None = None
+  name: str, global_batch_size: int, *, data_dir: str | None = None
 ) -> int:
   """Optimizer steps per training epoch (the last partial batch is dropped)."""
   return get_info(name, data_dir=data_dir).num_train // global_batch_size
 
 
 def train_batches(
-    name: str,
-    *,
-    global_batch_size: int,
-    seed: int,
-    start_step: int = 0,
-    process_index: int = 0,
-    process_count: int = 1,
-    data_dir: str | None = None,
-    worker_count: int = 0,
+  name: str,
+  *,
+  global_batch_size: int,
+  seed: int,
+  start_step: int = 0,
+  process_index: int = 0,
+  process_count: int = 1,
+  data_dir: str | None = None,
+  worker_count: int = 0,
 ) -> Iterator[Batch]:
   """Infinite, shuffled, augmented training batches for this process.
 
@@ -658,26 +702,28 @@ def train_batches(
   local = _local_batch_size(global_batch_size, process_index, process_count)
   if seed < 0 or start_step < 0:
     raise errors.ConfigError(
-        f"seed and start_step must be >= 0, got {seed=}, {start_step=}."
+      f"seed and start_step must be >= 0, got {seed=}, {start_step=}."
     )
   source = _source(name, "train", data_dir)
   n = len(source)
   spe = n // global_batch_size
   if spe == 0:
     raise errors.ConfigError(
-        f"global_batch_size={global_batch_size} exceeds the {n} training "
-        f"examples of {name!r}."
+      f"global_batch_size={global_batch_size} exceeds the {n} training "
+      f"examples of {name!r}."
     )
   element = _TrainElement(
-      source=source,
-      order=grain.MapDataset.range(n).shuffle(seed=_derive_seed(seed, _SHUFFLE_STREAM)),
-      preprocess=_PREPROCESS[name],
-      num_examples=n,
-      global_batch_size=global_batch_size,
-      local_batch_size=local,
-      process_index=process_index,
-      steps_per_epoch=spe,
-      augment_seed=_derive_seed(seed, _AUGMENT_STREAM),
+    source=source,
+    order=grain.MapDataset.range(n).shuffle(
+      seed=_derive_seed(seed, _SHUFFLE_STREAM)
+    ),
+    preprocess=_PREPROCESS[name],
+    num_examples=n,
+    global_batch_size=global_batch_size,
+    local_batch_size=local,
+    process_index=process_index,
+    steps_per_epoch=spe,
+    augment_seed=_derive_seed(seed, _AUGMENT_STREAM),
   )
   # Positions of this process's stream; 2**62 is "forever" at any batch rate.
   ds = grain.MapDataset.range(start_step * local, 2**62).map(element)
@@ -685,15 +731,15 @@ def train_batches(
 
 
 def eval_batches(
-    name: str,
-    split: str = "test",
-    *,
-    global_batch_size: int,
-    process_index: int = 0,
-    process_count: int = 1,
-    data_dir: str | None = None,
-    worker_count: int = 0,
-    max_examples: int | None = None,
+  name: str,
+  split: str = "test",
+  *,
+  global_batch_size: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  data_dir: str | None = None,
+  worker_count: int = 0,
+  max_examples: int | None = None,
 ) -> Iterator[Batch]:
   """One pass over a split in order, every example exactly once.
 
@@ -729,13 +775,13 @@ def eval_batches(
   n = len(source) if max_examples is None else min(len(source), max_examples)
   num_batches = -(-n // global_batch_size)
   element = _EvalElement(
-      source=source,
-      preprocess=_PREPROCESS[name],
-      num_examples=n,
-      global_batch_size=global_batch_size,
-      local_batch_size=local,
-      process_index=process_index,
-      image_shape=_spec(name).image_shape,
+    source=source,
+    preprocess=_PREPROCESS[name],
+    num_examples=n,
+    global_batch_size=global_batch_size,
+    local_batch_size=local,
+    process_index=process_index,
+    image_shape=_spec(name).image_shape,
   )
   ds = grain.MapDataset.range(num_batches * local).map(element)
   return _iterate(ds.batch(local, drop_remainder=True), worker_count)

@@ -31,17 +31,18 @@ from l1grad.errors import ConfigError
 __all__ = ["initialize"]
 
 _HOW = (
-    " Pass --coordinator_address HOST:PORT (process 0's address, the same on"
-    " every process), --num_processes N and --process_id I (0 to N-1, a"
-    " different one per process), or start the processes with a launcher"
-    " JAX detects (SLURM srun, a Cloud TPU or GKE TPU pod, Open MPI mpirun),"
-    " which fills in all three.")
+  " Pass --coordinator_address HOST:PORT (process 0's address, the same on"
+  " every process), --num_processes N and --process_id I (0 to N-1, a"
+  " different one per process), or start the processes with a launcher"
+  " JAX detects (SLURM srun, a Cloud TPU or GKE TPU pod, Open MPI mpirun),"
+  " which fills in all three."
+)
 
 # jax.distributed.initialize's messages for a setting nobody provided.
 _MISSING = {
-    "coordinator_address": "the coordinator address",
-    "Number of processes": "the number of processes",
-    "process id": "this process's id",
+  "coordinator_address": "the coordinator address",
+  "Number of processes": "the number of processes",
+  "process id": "this process's id",
 }
 
 
@@ -49,18 +50,21 @@ def _check_address(address: str) -> None:
   host, sep, port = address.rpartition(":")
   if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
     raise ConfigError(
-        f"--coordinator_address={address!r} is not HOST:PORT (e.g."
-        " 10.0.0.1:12345, or 127.0.0.1:12345 when every process runs on"
-        " this machine): process 0 listens on that port and every process"
-        " connects to it.")
+      f"--coordinator_address={address!r} is not HOST:PORT (e.g."
+      " 10.0.0.1:12345, or 127.0.0.1:12345 when every process runs on"
+      " this machine): process 0 listens on that port and every process"
+      " connects to it."
+    )
 
 
-def initialize(coordinator_address: str | None = None,
-               num_processes: int | None = None,
-               process_id: int | None = None,
-               *,
-               heartbeat_timeout_seconds: int | None = None,
-               initialization_timeout_seconds: int | None = None) -> None:
+def initialize(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  *,
+  heartbeat_timeout_seconds: int | None = None,
+  initialization_timeout_seconds: int | None = None,
+) -> None:
   """Joins this process to a multi-process JAX run (``jax.distributed``).
 
   Call it once, first: before any JAX computation or device query. Any
@@ -94,15 +98,20 @@ def initialize(coordinator_address: str | None = None,
   if coordinator_address is not None:
     _check_address(coordinator_address)
   if num_processes is not None and num_processes < 1:
-    raise ConfigError(f"--num_processes={num_processes}: needs at least 1."
-                      + _HOW)
+    raise ConfigError(
+      f"--num_processes={num_processes}: needs at least 1." + _HOW
+    )
   if process_id is not None and process_id < 0:
     raise ConfigError(f"--process_id={process_id}: needs 0 or more." + _HOW)
-  if (num_processes is not None and process_id is not None
-      and process_id >= num_processes):
+  if (
+    num_processes is not None
+    and process_id is not None
+    and process_id >= num_processes
+  ):
     raise ConfigError(
-        f"--process_id={process_id} with --num_processes={num_processes}:"
-        f" ids run from 0 to {num_processes - 1}." + _HOW)
+      f"--process_id={process_id} with --num_processes={num_processes}:"
+      f" ids run from 0 to {num_processes - 1}." + _HOW
+    )
   # gloo is JAX's default CPU collectives since 0.5; set it where an older
   # JAX has none, and keep a choice the user made (e.g. "mpi").
   try:
@@ -119,31 +128,42 @@ def initialize(coordinator_address: str | None = None,
   if initialization_timeout_seconds is not None:
     kwargs["initialization_timeout"] = initialization_timeout_seconds
   try:
-    jax.distributed.initialize(coordinator_address, num_processes,
-                               process_id, **kwargs)
+    jax.distributed.initialize(
+      coordinator_address, num_processes, process_id, **kwargs
+    )
   except ValueError as e:
     # JAX checks its settings before it starts or connects anything.
     text = str(e)
-    missing = next((what for key, what in _MISSING.items() if key in text),
-                   None)
+    missing = next(
+      (what for key, what in _MISSING.items() if key in text), None
+    )
     if missing is None:
       raise ConfigError(f"--multihost: {text}" + _HOW) from None
-    given = [f"--{name}" for name, value in (
+    given = [
+      f"--{name}"
+      for name, value in (
         ("coordinator_address", coordinator_address),
-        ("num_processes", num_processes), ("process_id", process_id))
-             if value is not None]
-    context = (f"only {', '.join(given)} given and no cluster detected"
-               if given else "no cluster detected (SLURM, Cloud TPU, GKE TPU,"
-               " Open MPI) and no --coordinator_address, --num_processes,"
-               " --process_id given")
+        ("num_processes", num_processes),
+        ("process_id", process_id),
+      )
+      if value is not None
+    ]
+    context = (
+      f"only {', '.join(given)} given and no cluster detected"
+      if given
+      else "no cluster detected (SLURM, Cloud TPU, GKE TPU,"
+      " Open MPI) and no --coordinator_address, --num_processes,"
+      " --process_id given"
+    )
     raise ConfigError(
-        f"--multihost could not determine {missing}: {context}." + _HOW
+      f"--multihost could not determine {missing}: {context}." + _HOW
     ) from None
   except jax.errors.JaxRuntimeError as e:
     if "RPC server" not in str(e):
       raise
-    raise ConfigError(_port_taken(address or "the coordinator address",
-                                  _first_line(e))) from None
+    raise ConfigError(
+      _port_taken(address or "the coordinator address", _first_line(e))
+    ) from None
 
 
 def _first_line(e: Exception) -> str:
@@ -152,10 +172,12 @@ def _first_line(e: Exception) -> str:
 
 
 def _port_taken(address: str, reason: str) -> str:
-  return (f"--multihost: process 0 cannot listen at {address} for the other"
-          f" processes ({reason}). The port is probably in use, e.g. by a"
-          " run still alive; pick another port in --coordinator_address on"
-          " every process, or stop that run.")
+  return (
+    f"--multihost: process 0 cannot listen at {address} for the other"
+    f" processes ({reason}). The port is probably in use, e.g. by a"
+    " run still alive; pick another port in --coordinator_address on"
+    " every process, or stop that run."
+  )
 
 
 def _check_port_free(coordinator_address: str) -> None:
@@ -166,7 +188,8 @@ def _check_port_free(coordinator_address: str) -> None:
   or at ``JAX_COORDINATOR_BIND_ADDRESS``.
   """
   bind = os.environ.get("JAX_COORDINATOR_BIND_ADDRESS") or (
-      "[::]:" + coordinator_address.rpartition(":")[2])
+    "[::]:" + coordinator_address.rpartition(":")[2]
+  )
   host, _, port = bind.rpartition(":")
   host = host.strip("[]")
   if not port.isdigit():

@@ -4,7 +4,9 @@
 class UserError(Exception):
   """Bad input the user can fix: the message says what is wrong and what to do.
 
-  ``train.py`` and ``eval_ptq.py`` print the message and exit with code 2.
+  The entry points (``train.py``, ``eval_ptq.py``, ``analyze.py``, through
+  :func:`l1grad.cli.run`) print the message as one ``error: ...`` paragraph
+  and exit with code 2.
   """
 
 

@@ -1,5 +1,8 @@
 """Integer export of a post-training-quantized model, and a loader that runs it.
 
+One kind of thing: the export format, its writer and its loader, kept
+together so the two sides of the format cannot drift apart.
+
 :func:`export_model` writes what an integer deployment needs for one (W, A)
 pair, as two files in a directory:
 
@@ -29,37 +32,41 @@ Codes follow the paper's symmetric grid: ``[-(2^(b-1)-1), 2^(b-1)-1]``, so a
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 import dataclasses
 import json
 import os
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.typing import ArrayLike
+import numpy as np
 
 from l1grad import bits as bits_lib
 from l1grad import errors
-from l1grad import penalty
+from l1grad import fold
+from l1grad import models
+from l1grad import params as params_lib
 from l1grad import ptq
 from l1grad import quant
+from l1grad import ranges as ranges_lib
+from l1grad import runs
 
 if TYPE_CHECKING:
   from l1grad import data
 
 __all__ = [
-    "ExportInfo",
-    "ExportedModel",
-    "checkpoint_bytes",
-    "export_model",
-    "export_run",
-    "load_exported",
-    "pack_int4",
-    "unpack_int4",
+  "ExportInfo",
+  "ExportedModel",
+  "checkpoint_bytes",
+  "export_model",
+  "export_run",
+  "load_exported",
+  "pack_int4",
+  "unpack_int4",
 ]
 
 FORMAT = "l1grad.export/1"
@@ -68,8 +75,10 @@ WEIGHTS = "weights.npz"
 _SEP = "/"
 # How a manifest's "preprocessing" turns raw images into model input; the
 # same float32 arithmetic as l1grad.data's pipeline (bit for bit).
-PREPROCESSING_FORMULA = ("input = (float32(raw) - mean * pixel_max) / (std * pixel_max),"
-                         " per channel, each product rounded to float32")
+PREPROCESSING_FORMULA = (
+  "input = (float32(raw) - mean * pixel_max) / (std * pixel_max),"
+  " per channel, each product rounded to float32"
+)
 
 
 # ---------------------------------------------------------------------------
@@ -123,7 +132,9 @@ def _encode(codes: np.ndarray, storage: str) -> np.ndarray:
   return codes.astype(np.int8 if storage == "int8" else np.int16)
 
 
-def _decode(stored: np.ndarray, storage: str, shape: tuple[int, ...]) -> np.ndarray:
+def _decode(
+  stored: np.ndarray, storage: str, shape: tuple[int, ...]
+) -> np.ndarray:
   if storage == "int4x2":
     return unpack_int4(stored, shape)
   return np.asarray(stored).reshape(shape)
@@ -138,7 +149,7 @@ def _flatten(tree: Any) -> dict[str, np.ndarray]:
   flat, _ = jax.tree_util.tree_flatten_with_path(tree)
   out = {}
   for path, leaf in flat:
-    out[_SEP.join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)] = leaf
+    out[params_lib.layer_name(path)] = leaf
   return out
 
 
@@ -174,15 +185,23 @@ class ExportInfo:
   max_abs_diff: float | None = None
 
   def summary(self, checkpoint_bytes: int | None = None) -> str:
-    parts = [f"Exported integer model to {self.path}: {self.bytes:,} bytes"
-             f" (weights {self.weights_bytes:,}, manifest {self.bytes - self.weights_bytes:,})"]
-    parts.append(f"float variables {self.float_bytes:,} bytes"
-                 f" ({self.float_bytes / max(self.bytes, 1):.1f}x larger)")
+    parts = [
+      f"Exported integer model to {self.path}: {self.bytes:,} bytes"
+      f" (weights {self.weights_bytes:,}, manifest {self.bytes - self.weights_bytes:,})"
+    ]
+    parts.append(
+      f"float variables {self.float_bytes:,} bytes"
+      f" ({self.float_bytes / max(self.bytes, 1):.1f}x larger)"
+    )
     if checkpoint_bytes:
-      parts.append(f"float checkpoint on disk {checkpoint_bytes:,} bytes"
-                   f" ({checkpoint_bytes / max(self.bytes, 1):.1f}x larger)")
+      parts.append(
+        f"float checkpoint on disk {checkpoint_bytes:,} bytes"
+        f" ({checkpoint_bytes / max(self.bytes, 1):.1f}x larger)"
+      )
     if self.max_abs_diff is not None:
-      parts.append(f"max |logit difference| vs fake-quantized model {self.max_abs_diff:g}")
+      parts.append(
+        f"max |logit difference| vs fake-quantized model {self.max_abs_diff:g}"
+      )
     return "; ".join(parts) + "."
 
 
@@ -190,41 +209,53 @@ def _preprocessing_json(preprocessing: Any) -> dict[str, Any] | None:
   """The manifest's ``preprocessing`` entry, checked; None stays None."""
   if preprocessing is None:
     return None
-  spec = dict(preprocessing.to_json() if hasattr(preprocessing, "to_json") else preprocessing)
+  spec = dict(
+    preprocessing.to_json()
+    if hasattr(preprocessing, "to_json")
+    else preprocessing
+  )
   try:
     mean = [float(m) for m in spec["mean"]]
     std = [float(s) for s in spec["std"]]
     pixel_max = float(spec["pixel_max"])
   except (KeyError, TypeError, ValueError) as e:
-    raise ValueError(f"preprocessing needs pixel_max, mean and std; got {spec}") from e
+    raise ValueError(
+      f"preprocessing needs pixel_max, mean and std; got {spec}"
+    ) from e
   if not mean or len(mean) != len(std) or min(std) <= 0 or pixel_max <= 0:
-    raise ValueError(f"preprocessing: bad mean/std/pixel_max {mean}, {std}, {pixel_max}")
-  spec.update(pixel_max=pixel_max, mean=mean, std=std, formula=PREPROCESSING_FORMULA)
+    raise ValueError(
+      f"preprocessing: bad mean/std/pixel_max {mean}, {std}, {pixel_max}"
+    )
+  spec.update(
+    pixel_max=pixel_max, mean=mean, std=std, formula=PREPROCESSING_FORMULA
+  )
   if spec.get("image_shape") is not None:
     spec["image_shape"] = [int(d) for d in spec["image_shape"]]
   return spec
 
 
 def _nbytes(tree: Any) -> int:
-  return int(sum(np.asarray(x).size * 4 for x in jax.tree_util.tree_leaves(tree)))
+  return int(
+    sum(np.asarray(x).size * 4 for x in jax.tree_util.tree_leaves(tree))
+  )
 
 
 def export_model(
-    out_dir: str,
-    *,
-    model_name: str,
-    num_classes: int,
-    model_kwargs: Mapping[str, Any],
-    variables: Any,
-    ranges: Mapping[str, tuple[float, float]],
-    w_bits: int,
-    a_bits: int,
-    per_channel: bool = False,
-    act_ranges: str = "bn",
-    metadata: Mapping[str, Any] | None = None,
-    float_bytes: int | None = None,
-    check_images: ArrayLike | None = None,
-    preprocessing: data.InputNormalization | Mapping[str, Any] | None = None,
+  out_dir: str,
+  *,
+  model_name: str,
+  num_classes: int,
+  model_kwargs: Mapping[str, Any],
+  variables: Any,
+  ranges: Mapping[str, tuple[float, float]],
+  w_bits: int,
+  a_bits: int,
+  per_channel: bool = False,
+  act_ranges: str = "bn",
+  metadata: Mapping[str, Any] | None = None,
+  float_bytes: int | None = None,
+  check_images: ArrayLike | None = None,
+  preprocessing: data.InputNormalization | Mapping[str, Any] | None = None,
 ) -> ExportInfo:
   """Writes the integer model for one (W, A) pair.
 
@@ -234,7 +265,7 @@ def export_model(
     num_classes: The model's ``num_classes``.
     model_kwargs: Other :func:`get_model` arguments (JSON-serialisable).
     variables: Float variables as evaluated: folded
-      (:class:`l1grad.quant.FoldedVariables`, the deployment case) or plain.
+      (:class:`l1grad.fold.FoldedVariables`, the deployment case) or plain.
     ranges: Activation ranges ``{point key: (low, high)}``.
     w_bits: Weight bit-width.
     a_bits: Activation bit-width.
@@ -258,22 +289,31 @@ def export_model(
   bits_lib.check_bits(w_bits, "weight bits")
   bits_lib.check_bits(a_bits, "activation bits")
   preprocessing_json = _preprocessing_json(preprocessing)
-  folded = isinstance(variables, quant.FoldedVariables)
+  folded = isinstance(variables, fold.FoldedVariables)
   params = variables.params if folded else variables["params"]
-  state = variables.state if folded else {k: v for k, v in variables.items() if k != "params"}
+  state = (
+    variables.state
+    if folded
+    else {k: v for k, v in variables.items() if k != "params"}
+  )
   arrays: dict[str, np.ndarray] = {}
   kernels: dict[str, Any] = {}
   storage = _storage(w_bits)
   flat, _ = jax.tree_util.tree_flatten_with_path(params)
   for path, leaf in flat:
-    name = _SEP.join(str(getattr(k, "key", k)) for k in path)
-    if penalty.is_kernel_path(path):
-      scale = ptq.kernel_scale(leaf, w_bits, per_channel=per_channel)
-      codes = np.asarray(quant.quantize_to_int(leaf, w_bits, scale, signed=True))
+    name = params_lib.layer_name(path)
+    if params_lib.is_kernel_path(path):
+      scale = quant.kernel_scale(leaf, w_bits, per_channel=per_channel)
+      codes = np.asarray(
+        quant.quantize_to_int(leaf, w_bits, scale, signed=True)
+      )
       arrays[f"codes/{name}"] = _encode(codes, storage)
       arrays[f"scales/{name}"] = np.asarray(scale, np.float32)
-      kernels[name] = {"shape": list(codes.shape), "storage": storage,
-                       "dtype": str(np.asarray(leaf).dtype)}
+      kernels[name] = {
+        "shape": list(codes.shape),
+        "storage": storage,
+        "dtype": str(np.asarray(leaf).dtype),
+      }
     else:
       arrays[f"params/{name}"] = np.asarray(leaf, np.float32)
   for collection, tree in state.items():
@@ -282,43 +322,66 @@ def export_model(
   folds = []
   if folded:
     for layer, link in variables.pairs.items():
-      entry = {"layer": list(layer), "batch_norm": list(link.path), "epsilon": link.epsilon}
+      entry = {
+        "layer": list(layer),
+        "batch_norm": list(link.path),
+        "epsilon": link.epsilon,
+      }
       bias = variables.biases.get(layer)
       if bias is not None:
         arrays[f"biases/{_SEP.join(layer)}"] = np.asarray(bias, np.float32)
       folds.append(entry)
   manifest = {
-      "format": FORMAT,
-      "model": {"name": model_name, "num_classes": int(num_classes),
-                "kwargs": dict(model_kwargs)},
-      "w_bits": int(w_bits),
-      "a_bits": int(a_bits),
-      "per_channel": bool(per_channel),
-      "weight_grid": "symmetric signed, codes in [-(2^(b-1)-1), 2^(b-1)-1], value = code * scale",
-      "activation_grid": ("unsigned [0, 2^b-1], scale = high/(2^b-1) when low >= 0;"
-                          " else signed, scale = max(|low|,|high|)/(2^(b-1)-1)"),
-      "kernels": kernels,
-      "folded": folds,
-      "act_ranges": act_ranges,
-      "activation_ranges": {k: [float(lo), float(hi)] for k, (lo, hi) in ranges.items()},
-      "preprocessing": preprocessing_json,
-      **({"source": dict(metadata)} if metadata else {}),
+    "format": FORMAT,
+    "model": {
+      "name": model_name,
+      "num_classes": int(num_classes),
+      "kwargs": dict(model_kwargs),
+    },
+    "w_bits": int(w_bits),
+    "a_bits": int(a_bits),
+    "per_channel": bool(per_channel),
+    "weight_grid": "symmetric signed, codes in [-(2^(b-1)-1), 2^(b-1)-1], value = code * scale",
+    "activation_grid": (
+      "unsigned [0, 2^b-1], scale = high/(2^b-1) when low >= 0;"
+      " else signed, scale = max(|low|,|high|)/(2^(b-1)-1)"
+    ),
+    "kernels": kernels,
+    "folded": folds,
+    "act_ranges": act_ranges,
+    "activation_ranges": {
+      k: [float(lo), float(hi)] for k, (lo, hi) in ranges.items()
+    },
+    "preprocessing": preprocessing_json,
+    **({"source": dict(metadata)} if metadata else {}),
   }
   os.makedirs(out_dir, exist_ok=True)
   np.savez(os.path.join(out_dir, WEIGHTS), **arrays)
   with open(os.path.join(out_dir, MANIFEST), "w") as f:
     json.dump(manifest, f, indent=2, ensure_ascii=False, default=str)
     f.write("\n")
-  size = sum(os.path.getsize(os.path.join(out_dir, n)) for n in (WEIGHTS, MANIFEST))
+  size = sum(
+    os.path.getsize(os.path.join(out_dir, n)) for n in (WEIGHTS, MANIFEST)
+  )
   if float_bytes is None:
-    float_bytes = _nbytes(params) + _nbytes(state) + (_nbytes(variables.biases) if folded else 0)
-  info = ExportInfo(out_dir, size, os.path.getsize(os.path.join(out_dir, WEIGHTS)), float_bytes)
+    float_bytes = (
+      _nbytes(params)
+      + _nbytes(state)
+      + (_nbytes(variables.biases) if folded else 0)
+    )
+  info = ExportInfo(
+    out_dir, size, os.path.getsize(os.path.join(out_dir, WEIGHTS)), float_bytes
+  )
   if check_images is not None:
     exported = load_exported(out_dir)
     model = exported.model
     want = ptq.cached_evaluator(model, per_channel).quantized_logits(
-        variables, ptq.range_tree(ranges), jnp.int32(w_bits), jnp.int32(a_bits),
-        jnp.asarray(check_images))
+      variables,
+      ranges_lib.range_tree(ranges),
+      jnp.int32(w_bits),
+      jnp.int32(a_bits),
+      jnp.asarray(check_images),
+    )
     got = exported(check_images, normalized=True)
     info.max_abs_diff = float(jnp.max(jnp.abs(got - want)))
   return info
@@ -351,22 +414,30 @@ class ExportedModel:
     path: The export directory, if loaded from one.
   """
 
-  def __init__(self, model: nn.Module, manifest: Mapping[str, Any], variables: Any,
-               codes: dict[str, np.ndarray], scales: dict[str, np.ndarray],
-               path: str | None = None):
+  def __init__(
+    self,
+    model: nn.Module,
+    manifest: Mapping[str, Any],
+    variables: Any,
+    codes: dict[str, np.ndarray],
+    scales: dict[str, np.ndarray],
+    path: str | None = None,
+  ):
     self.model = model
     self.manifest = dict(manifest)
     self.variables = variables
     self.codes = codes
     self.scales = scales
-    self.ranges = {k: (lo, hi) for k, (lo, hi) in manifest["activation_ranges"].items()}
+    self.ranges = {
+      k: (lo, hi) for k, (lo, hi) in manifest["activation_ranges"].items()
+    }
     self.w_bits = int(manifest["w_bits"])
     self.a_bits = int(manifest["a_bits"])
     self.preprocessing = manifest.get("preprocessing")
     self.path = path
     # Exports written before l1grad recorded the preprocessing lack the key.
     self._predates_preprocessing = "preprocessing" not in manifest
-    range_tree = ptq.range_tree(self.ranges)
+    range_tree = ranges_lib.range_tree(self.ranges)
     a_bits = jnp.int32(self.a_bits)
 
     @jax.jit
@@ -375,7 +446,9 @@ class ExportedModel:
 
     self._run = run
 
-  def __call__(self, images: ArrayLike, *, normalized: bool = False) -> jax.Array:
+  def __call__(
+    self, images: ArrayLike, *, normalized: bool = False
+  ) -> jax.Array:
     """Logits of the integer model on a batch of images.
 
     Args:
@@ -403,7 +476,9 @@ class ExportedModel:
       errors.UserError: Raw images out of range or of the wrong shape, or
         raw images for an export that predates recorded preprocessing.
     """
-    if not normalized and (self.preprocessing is not None or self._predates_preprocessing):
+    if not normalized and (
+      self.preprocessing is not None or self._predates_preprocessing
+    ):
       images = self.normalize(images)
     return self._run(self.variables, jnp.asarray(images))
 
@@ -424,17 +499,22 @@ class ExportedModel:
     if spec is None:
       if self._predates_preprocessing:
         source = self.manifest.get("source") or {}
-        redo = (f" python eval_ptq.py --workdir {source['workdir']} --export"
-                f" {self.w_bits}:{self.a_bits} --export_dir {self.path or 'DIR'}"
-                if "workdir" in source else " eval_ptq.py --export")
+        redo = (
+          f" python eval_ptq.py --workdir {source['workdir']} --export"
+          f" {self.w_bits}:{self.a_bits} --export_dir {self.path or 'DIR'}"
+          if "workdir" in source
+          else " eval_ptq.py --export"
+        )
         raise errors.UserError(
-            f"{where} records no input preprocessing (it was exported before l1grad"
-            " recorded it), so raw images cannot be normalised. Pass model input"
-            " normalised as in training with model(images, normalized=True), or"
-            f" re-export to record it:{redo}")
+          f"{where} records no input preprocessing (it was exported before l1grad"
+          " recorded it), so raw images cannot be normalised. Pass model input"
+          " normalised as in training with model(images, normalized=True), or"
+          f" re-export to record it:{redo}"
+        )
       raise errors.UserError(
-          f"{where} was exported without preprocessing (\"preprocessing\": null): it"
-          " runs on its input as given; there is nothing to normalise with.")
+        f"{where} was exported without preprocessing (\"preprocessing\": null): it"
+        " runs on its input as given; there is nothing to normalise with."
+      )
     x = np.asarray(images)
     shape = tuple(spec["image_shape"]) if spec.get("image_shape") else None
     if shape is not None:
@@ -442,22 +522,26 @@ class ExportedModel:
         x = x[..., None]
       if x.shape[1:] != shape or x.ndim != 4:
         raise errors.UserError(
-            f"Expected a batch of raw images [N, {', '.join(map(str, shape))}]"
-            f" ({spec.get('raw', 'raw pixels')}); got shape {list(x.shape)}.")
+          f"Expected a batch of raw images [N, {', '.join(map(str, shape))}]"
+          f" ({spec.get('raw', 'raw pixels')}); got shape {list(x.shape)}."
+        )
     pixel_max = np.float32(spec["pixel_max"])
     if x.size:
       lo, hi = float(np.min(x)), float(np.max(x))
       if lo < 0 or hi > pixel_max:
         raise errors.UserError(
-            f"Raw pixel values must lie in [0, {pixel_max:g}] ({spec.get('raw', 'raw pixels')});"
-            f" got [{lo:g}, {hi:g}]. For images already normalised as in training,"
-            " call model(images, normalized=True).")
+          f"Raw pixel values must lie in [0, {pixel_max:g}] ({spec.get('raw', 'raw pixels')});"
+          f" got [{lo:g}, {hi:g}]. For images already normalised as in training,"
+          " call model(images, normalized=True)."
+        )
     mean = np.asarray(spec["mean"], np.float32) * pixel_max
     std = np.asarray(spec["std"], np.float32) * pixel_max
     return (x.astype(np.float32) - mean) / std
 
 
-def load_exported(path: str, *, model: nn.Module | None = None) -> ExportedModel:
+def load_exported(
+  path: str, *, model: nn.Module | None = None
+) -> ExportedModel:
   """Loads a directory written by :func:`export_model`.
 
   Example (digits)::
@@ -489,22 +573,28 @@ def load_exported(path: str, *, model: nn.Module | None = None) -> ExportedModel
   from l1grad import models  # pylint: disable=g-import-not-at-top
 
   manifest_path = os.path.join(path, MANIFEST)
-  if not os.path.isfile(manifest_path) or not os.path.isfile(os.path.join(path, WEIGHTS)):
+  if not os.path.isfile(manifest_path) or not os.path.isfile(
+    os.path.join(path, WEIGHTS)
+  ):
     raise errors.UserError(
-        f"{path!r} is not an l1grad export (no {MANIFEST}/{WEIGHTS}); write one with"
-        " python eval_ptq.py --workdir DIR --export W:A --export_dir OUT.")
+      f"{path!r} is not an l1grad export (no {MANIFEST}/{WEIGHTS}); write one with"
+      " python eval_ptq.py --workdir DIR --export W:A --export_dir OUT."
+    )
   with open(manifest_path) as f:
     manifest = json.load(f)
   if manifest.get("format") != FORMAT:
     raise errors.UserError(
-        f"{manifest_path} has format {manifest.get('format')!r}; this l1grad reads {FORMAT!r}."
-        " Re-export with this version.")
+      f"{manifest_path} has format {manifest.get('format')!r}; this l1grad reads {FORMAT!r}."
+      " Re-export with this version."
+    )
   if model is None:
     spec = manifest["model"]
     kwargs = dict(spec["kwargs"])
     if isinstance(kwargs.get("dtype"), str):
       kwargs["dtype"] = jnp.dtype(kwargs["dtype"])
-    model = models.get_model(spec["name"], num_classes=spec["num_classes"], **kwargs)
+    model = models.get_model(
+      spec["name"], num_classes=spec["num_classes"], **kwargs
+    )
   with np.load(os.path.join(path, WEIGHTS)) as npz:
     arrays = {k: npz[k] for k in npz.files}
   codes, scales, params_flat = {}, {}, {}
@@ -528,10 +618,18 @@ def load_exported(path: str, *, model: nn.Module | None = None) -> ExportedModel
   params = _unflatten(params_flat)
   state = {c: _unflatten(f) for c, f in state_flat.items()}
   if manifest["folded"]:
-    pairs = {tuple(e["layer"]): quant.BatchNormLink(tuple(e["batch_norm"]), float(e["epsilon"]))
-             for e in manifest["folded"]}
-    variables = quant.FoldedVariables(params=params, biases=biases, state=state,
-                                      pairs=flax.core.FrozenDict(pairs))
+    pairs = {
+      tuple(e["layer"]): fold.BatchNormLink(
+        tuple(e["batch_norm"]), float(e["epsilon"])
+      )
+      for e in manifest["folded"]
+    }
+    variables = fold.FoldedVariables(
+      params=params,
+      biases=biases,
+      state=state,
+      pairs=flax.core.FrozenDict(pairs),
+    )
   else:
     variables = {"params": params, **state}
   return ExportedModel(model, manifest, variables, codes, scales, path=path)
@@ -550,29 +648,22 @@ def checkpoint_bytes(workdir: str, step: int) -> int | None:
   Looks for a directory named ``str(step)`` (Orbax's layout) in the workdir
   or one level below.
   """
-  for base in [workdir] + [os.path.join(workdir, d) for d in sorted(os.listdir(workdir))]:
+  for base in [workdir] + [
+    os.path.join(workdir, d) for d in sorted(os.listdir(workdir))
+  ]:
     candidate = os.path.join(base, str(step))
     if os.path.isdir(candidate):
       return _dir_bytes(candidate)
   return None
 
 
-def _model_kwargs(config: Any) -> dict[str, Any]:
-  """``get_model`` keyword arguments of a run, as ``train.create_model`` builds them."""
-  kwargs = ptq.config_json(config.get("model_kwargs", None) or {})
-  dtype = config.get("compute_dtype", "float32")
-  if dtype != "float32":
-    kwargs["dtype"] = dtype  # a name; load_exported turns it into a dtype
-  return kwargs
-
-
 def export_run(
-    workdir: str,
-    pair: tuple[int, int],
-    out_dir: str,
-    settings: ptq.Settings = ptq.Settings(),
-    *,
-    prepared: ptq.PreparedRun | None = None,
+  workdir: str,
+  pair: tuple[int, int],
+  out_dir: str,
+  settings: runs.Settings = runs.Settings(),
+  *,
+  prepared: runs.PreparedRun | None = None,
 ) -> tuple[ExportInfo, str]:
   """Exports a training run's checkpoint at one (W, A) pair.
 
@@ -599,37 +690,52 @@ def export_run(
   w_bits, a_bits = pair
   bits_lib.check_bits(w_bits, "weight bits of --export")
   bits_lib.check_bits(a_bits, "activation bits of --export")
-  prepared = prepared or ptq.prepare_run(workdir, settings)
+  prepared = prepared or runs.prepare_run(workdir, settings)
   config = prepared.config
   preprocessing = data.input_normalization(config.dataset)
-  batch = next(iter(data.eval_batches(
-      config.dataset, "test", global_batch_size=min(64, ptq.eval_batch_size(config, settings)),
-      data_dir=config.get("data_dir", "") or None, max_examples=64)))
+  batch = next(
+    iter(
+      data.eval_batches(
+        config.dataset,
+        "test",
+        global_batch_size=min(64, runs.eval_batch_size(config, settings)),
+        data_dir=runs.data_dir(config),
+        max_examples=64,
+      )
+    )
+  )
   model = prepared.model
   info = export_model(
-      out_dir,
-      model_name=config.model,
-      num_classes=int(model.num_classes),
-      model_kwargs=_model_kwargs(config),
-      variables=prepared.eval_variables,
-      ranges=prepared.ranges,
-      w_bits=w_bits,
-      a_bits=a_bits,
-      per_channel=settings.per_channel,
-      act_ranges=prepared.act_ranges,
-      metadata={"workdir": os.path.abspath(workdir), "step": prepared.step,
-                "method": ptq.method_label(config), "config": ptq.config_json(config)},
-      float_bytes=_nbytes(prepared.variables),
-      check_images=batch["image"],
-      preprocessing=preprocessing,
+    out_dir,
+    model_name=config.model,
+    num_classes=int(model.num_classes),
+    model_kwargs=models.config_kwargs(config),
+    variables=prepared.eval_variables,
+    ranges=prepared.ranges,
+    w_bits=w_bits,
+    a_bits=a_bits,
+    per_channel=settings.per_channel,
+    act_ranges=prepared.act_ranges,
+    metadata={
+      "workdir": os.path.abspath(workdir),
+      "step": prepared.step,
+      "method": runs.method_label(config),
+      "config": runs.config_json(config),
+    },
+    float_bytes=_nbytes(prepared.variables),
+    check_images=batch["image"],
+    preprocessing=preprocessing,
   )
   if info.max_abs_diff is None or info.max_abs_diff > 1e-5:
     raise errors.UserError(
-        f"The exported model in {out_dir} does not reproduce the fake-quantized logits"
-        f" (max difference {info.max_abs_diff}): the model rebuilt from the manifest"
-        " differs from the evaluated one (e.g. config.compute_dtype is not float32, or"
-        " config.model_kwargs is not what get_model takes). Export a float32 run.")
-  summary = (info.summary(checkpoint_bytes(workdir, prepared.step))
-             + f" Load it with l1grad.export.load_exported({out_dir!r}); it takes raw"
-             f" images ({preprocessing.raw}).")
+      f"The exported model in {out_dir} does not reproduce the fake-quantized logits"
+      f" (max difference {info.max_abs_diff}): the model rebuilt from the manifest"
+      " differs from the evaluated one (e.g. config.compute_dtype is not float32, or"
+      " config.model_kwargs is not what get_model takes). Export a float32 run."
+    )
+  summary = (
+    info.summary(checkpoint_bytes(workdir, prepared.step))
+    + f" Load it with l1grad.export.load_exported({out_dir!r}); it takes raw"
+    f" images ({preprocessing.raw})."
+  )
   return info, summary

@@ -1,7 +1,8 @@
 """Gradient-norm penalties: L + λ_w·‖∇_W L‖ + λ_a·‖∇_A L‖, exact and fast.
 
 W are the kernels of every ``nn.Conv`` / ``nn.Dense`` (leaves named
-``kernel``), A the activation perturbation points of :mod:`l1grad.perturb`.
+``kernel``, :func:`l1grad.params.split_kernels`), A the activation
+perturbation points of :mod:`l1grad.perturb`.
 With L the batch-mean loss, ∇_A L holds each example's activation gradient
 divided by the batch size, so ‖∇_A L‖₁ is the mean over examples of the
 per-example norms and does not depend on the batch size.
@@ -17,7 +18,9 @@ compute it:
   from that gradient on device and the map applied to it, so the primal
   gradient is computed once: ~3× a plain step's flops (XLA's count), ~2.4×
   its time on CPU (``benchmarks/RESULTS.md``). Needs about twice to 2.6×
-  the plain step's memory.
+  the plain step's memory. ``hvp_impl="jvp"`` computes the same product with
+  ``jax.jvp`` of the gradient function instead, which recomputes the primal
+  gradient (kept to measure the difference).
 * ``"reverse"``: ``jax.grad`` of a loss that calls ``jax.grad``; simplest,
   slowest (6–8× a plain step on CPU), a cross-check for the others.
 * ``"finite_difference"``: H·t ≈ (∇L(z + r·t) − ∇L(z)) / r, two gradients
@@ -29,46 +32,44 @@ compute it:
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
+import contextlib
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from l1grad import params as params_lib
 from l1grad import perturb
-from l1grad.regularizers import is_kernel_path
+
+__all__ = [
+  "HVP_IMPLS",
+  "METHODS",
+  "gradient_norms",
+  "value_and_grad",
+]
 
 METHODS = ("hvp", "reverse", "finite_difference")
-
-# How "hvp" is computed: "linearize" (one forward-over-reverse pass gives the
-# gradient and the HVP) or "jvp" (gradient, then jax.jvp of the gradient,
-# which recomputes it). Not part of the API: benchmarks/step_time.py sets it
-# to measure the difference.
-_HVP_IMPL = "linearize"
+# How method "hvp" is computed (see the module docstring).
+HVP_IMPLS = ("linearize", "jvp")
 
 PyTree = Any
 
 
-def split_kernels(params: PyTree) -> tuple[dict[int, jax.Array], Callable]:
-  """Splits ``params`` into its kernel leaves and a function that merges back.
+# Its old home; the kernels are now keyed by layer name, like every tensor a
+# user sees (it keyed them by leaf index before).
+split_kernels = params_lib.split_kernels
+is_kernel_path = params_lib.is_kernel_path
 
-  Returns:
-    ``(kernels, merge)``: ``kernels`` maps a leaf index to the kernel, and
-    ``merge(kernels)`` rebuilds the full tree from the other leaves of
-    ``params`` and the given kernels.
+
+def _kernel_list(params: PyTree) -> list[jax.Array]:
+  """The kernels of ``params`` in the tree's leaf order.
+
+  Every sum over kernels runs in this order (a list, not a dict keyed by
+  name, whose flattening order is the names' sort order): it is the order
+  the penalty has always summed in, so its values round the same way.
   """
-  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-  kernels = {i: leaf for i, (path, leaf) in enumerate(flat) if is_kernel_path(path)}
-  leaves = [leaf for _, leaf in flat]
-
-  def merge(new_kernels: dict[int, jax.Array]) -> PyTree:
-    merged = list(leaves)
-    for i, k in new_kernels.items():
-      merged[i] = k
-    return jax.tree_util.tree_unflatten(treedef, merged)
-
-  return kernels, merge
+  return list(params_lib.split_kernels(params)[0].values())
 
 
 def _is_static_zero(coef: Any) -> bool:
@@ -77,14 +78,18 @@ def _is_static_zero(coef: Any) -> bool:
 
 def _l1(tree: PyTree) -> jax.Array:
   leaves = jax.tree.leaves(tree)
-  return sum((jnp.sum(jnp.abs(x.astype(jnp.float32))) for x in leaves),
-             jnp.zeros((), jnp.float32))
+  return sum(
+    (jnp.sum(jnp.abs(x.astype(jnp.float32))) for x in leaves),
+    jnp.zeros((), jnp.float32),
+  )
 
 
 def _l2(tree: PyTree) -> jax.Array:
   leaves = jax.tree.leaves(tree)
-  sq = sum((jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves),
-           jnp.zeros((), jnp.float32))
+  sq = sum(
+    (jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves),
+    jnp.zeros((), jnp.float32),
+  )
   # The guarded sqrt keeps reverse-over-reverse finite at a zero gradient.
   positive = sq > 0
   return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
@@ -93,15 +98,15 @@ def _l2(tree: PyTree) -> jax.Array:
 def gradient_norms(grad_w: PyTree, grad_a: PyTree) -> dict[str, jax.Array]:
   """ℓ1 and ℓ2 norms of the weight and activation gradients."""
   return {
-      "weight_grad_l1": _l1(grad_w),
-      "weight_grad_l2": _l2(grad_w),
-      "act_grad_l1": _l1(grad_a),
-      "act_grad_l2": _l2(grad_a),
+    "weight_grad_l1": _l1(grad_w),
+    "weight_grad_l2": _l2(grad_w),
+    "act_grad_l1": _l1(grad_a),
+    "act_grad_l2": _l2(grad_a),
   }
 
 
 def _penalty_and_tangent(
-    grad: PyTree, norms_l1: jax.Array, norms_l2: jax.Array, coef: Any, ord: int
+  grad: PyTree, norms_l1: jax.Array, norms_l2: jax.Array, coef: Any, ord: int
 ) -> tuple[jax.Array, PyTree]:
   """λ·‖g‖ and its HVP tangent λ·∂‖g‖/∂g, with no gradient through g."""
   grad = jax.lax.stop_gradient(grad)
@@ -109,7 +114,9 @@ def _penalty_and_tangent(
   if ord == 1:
     tangent = jax.tree.map(lambda g: (coef * jnp.sign(g)).astype(g.dtype), grad)
     return coef * norms_l1, tangent
-  inv = jnp.where(norms_l2 > 0, 1.0 / jnp.where(norms_l2 > 0, norms_l2, 1.0), 0.0)
+  inv = jnp.where(
+    norms_l2 > 0, 1.0 / jnp.where(norms_l2 > 0, norms_l2, 1.0), 0.0
+  )
   tangent = jax.tree.map(lambda g: (coef * inv * g).astype(g.dtype), grad)
   return coef * norms_l2, tangent
 
@@ -119,15 +126,16 @@ def _norm(tree: PyTree, ord: int) -> jax.Array:
 
 
 def value_and_grad(
-    loss_fn: Callable[..., Any],
-    *,
-    ord: int = 1,
-    weight_coef: Any = 0.0,
-    act_coef: Any = 0.0,
-    method: str = "hvp",
-    has_aux: bool = False,
-    fd_step: float = 1e-3,
-    track_activations: bool = True,
+  loss_fn: Callable[..., Any],
+  *,
+  ord: int = 1,
+  weight_coef: Any = 0.0,
+  act_coef: Any = 0.0,
+  method: str = "hvp",
+  has_aux: bool = False,
+  fd_step: float = 1e-3,
+  track_activations: bool = True,
+  hvp_impl: str = "linearize",
 ) -> Callable[..., Any]:
   """Like ``jax.value_and_grad(loss_fn)``, for the loss plus gradient-norm penalty.
 
@@ -147,6 +155,11 @@ def value_and_grad(
     fd_step: relative probe distance of ``"finite_difference"``.
     track_activations: also compute ‖∇_A L‖ for logging when ``act_coef`` is
       0 (adds the perturbation points to the forward pass).
+    hvp_impl: how ``"hvp"`` computes the Hessian-vector product:
+      ``"linearize"`` (one forward-over-reverse pass gives the gradient and
+      the product) or ``"jvp"`` (the gradient, then ``jax.jvp`` of the
+      gradient function, which recomputes it). The same step either way, up
+      to float rounding; the second is there to measure the difference.
 
   Returns:
     ``(params, *args) -> (total, grads)``, or with ``has_aux``
@@ -160,6 +173,8 @@ def value_and_grad(
     raise ValueError(f"ord must be 1 or 2, got {ord!r}.")
   if method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
+  if hvp_impl not in HVP_IMPLS:
+    raise ValueError(f"hvp_impl must be one of {HVP_IMPLS}, got {hvp_impl!r}.")
   use_w = not _is_static_zero(weight_coef)
   use_a = not _is_static_zero(act_coef)
   with_points = use_a or track_activations
@@ -175,18 +190,21 @@ def value_and_grad(
       shapes = perturb.activation_shapes(lambda p: loss_fn(p, *args), params)
       eps = perturb.zero_perturbations(shapes)
 
-    kernels, merge = split_kernels(params)
+    named, merge = params_lib.split_kernels(params)
+    names = list(named)
+    kernels = list(named.values())  # in leaf order, like every list below
     # The penalty differentiates along the kernels (λ_w) and the activation
     # perturbations (λ_a) only: the other parameters (biases, batch-norm
     # scales) carry no tangent, so the HVP does no tangent work for them.
-    lin_k = kernels if use_w else {}
+    lin_k = kernels if use_w else []
     lin_e = eps if use_a else {}
 
     def grads_at(k, e):
-      """(∇_θ L, ∇_A L) with kernels ``k`` and perturbations ``e`` swapped in."""
-      p = merge({**kernels, **k}) if k else params
+      """(∇_θ L, ∇_A L) with kernels ``k`` (all, or none) and ``e`` put in."""
+      p = merge(dict(zip(names, k))) if k else params
       (loss, aux), (g_p, g_e) = jax.value_and_grad(
-          loss_params_eps, argnums=(0, 1), has_aux=True)(p, {**eps, **e})
+        loss_params_eps, argnums=(0, 1), has_aux=True
+      )(p, {**eps, **e})
       return (g_p, g_e), (loss, aux)
 
     # One pass gives ∇_θ L for the update, ∇_W L (its kernel leaves) and
@@ -195,24 +213,30 @@ def value_and_grad(
     # the HVP along any tangent, without recomputing the primal gradient (the
     # tangent, sign(∇L), is only known after the gradient).
     linear_hvp = None
-    if method == "hvp" and (use_w or use_a) and _HVP_IMPL == "linearize":
+    if method == "hvp" and (use_w or use_a) and hvp_impl == "linearize":
       (g_params, g_eps), linear_hvp, (loss, aux) = jax.linearize(
-          grads_at, lin_k, lin_e, has_aux=True)
+        grads_at, lin_k, lin_e, has_aux=True
+      )
     else:
-      (g_params, g_eps), (loss, aux) = grads_at({}, {})
-    g_kernels, _ = split_kernels(g_params)
+      (g_params, g_eps), (loss, aux) = grads_at([], {})
+    g_kernels = _kernel_list(g_params)
     norms = gradient_norms(g_kernels, g_eps)
 
     zero = jnp.zeros((), jnp.float32)
-    w_pen, t_w = zero, {}
+    w_pen, t_w = zero, []
     a_pen, t_a = zero, {}
     if use_w:
       w_pen, t_w = _penalty_and_tangent(
-          g_kernels, norms["weight_grad_l1"], norms["weight_grad_l2"],
-          weight_coef, ord)
+        g_kernels,
+        norms["weight_grad_l1"],
+        norms["weight_grad_l2"],
+        weight_coef,
+        ord,
+      )
     if use_a:
       a_pen, t_a = _penalty_and_tangent(
-          g_eps, norms["act_grad_l1"], norms["act_grad_l2"], act_coef, ord)
+        g_eps, norms["act_grad_l1"], norms["act_grad_l2"], act_coef, ord
+      )
     penalty = w_pen + a_pen
 
     grads = g_params
@@ -220,31 +244,34 @@ def value_and_grad(
       hv, _ = linear_hvp(t_w, t_a)
       grads = jax.tree.map(jnp.add, g_params, hv)
     elif method == "reverse" and (use_w or use_a):
-      grads = _reverse_grad(loss_params_eps, params, eps, weight_coef,
-                            act_coef, use_w, use_a, ord)
+      grads = _reverse_grad(
+        loss_params_eps, params, eps, weight_coef, act_coef, use_w, use_a, ord
+      )
     elif use_w or use_a:
-      hv = _penalty_grad(grads_at, kernels, lin_k, lin_e, g_params, t_w, t_a,
-                         method, fd_step)
+      hv = _penalty_grad(
+        grads_at, kernels, lin_k, lin_e, g_params, t_w, t_a, method, fd_step
+      )
       grads = jax.tree.map(jnp.add, g_params, hv)
 
     total = loss + penalty
     if not has_aux:
       return total, grads
     info = {
-        "aux": aux,
-        "loss": loss,
-        "penalty": penalty,
-        "weight_penalty": w_pen,
-        "act_penalty": a_pen,
-        **norms,
+      "aux": aux,
+      "loss": loss,
+      "penalty": penalty,
+      "weight_penalty": w_pen,
+      "act_penalty": a_pen,
+      **norms,
     }
     return (total, info), grads
 
   return wrapped
 
 
-def _penalty_grad(grads_at, kernels, lin_k, lin_e, g_params, t_w, t_a, method,
-                  fd_step):
+def _penalty_grad(
+  grads_at, kernels, lin_k, lin_e, g_params, t_w, t_a, method, fd_step
+):
   """∇_θ of the penalty, H_{θ,z}·t, by a second pass: jvp or FD."""
   params_grad = lambda k, e: grads_at(k, e)[0][0]
   if method == "hvp":
@@ -257,22 +284,26 @@ def _penalty_grad(grads_at, kernels, lin_k, lin_e, g_params, t_w, t_a, method,
   t_norm = jnp.sqrt(_l2(t_w) ** 2 + _l2(t_a) ** 2)
   r = fd_step * (1.0 + _l2(kernels)) / jnp.where(t_norm > 0, t_norm, 1.0)
   shift = lambda p, t: p + (r * t).astype(p.dtype)
-  g_probe = params_grad(jax.tree.map(shift, lin_k, t_w),
-                        jax.tree.map(shift, lin_e, t_a))
-  return jax.tree.map(lambda g1, g0: ((g1 - g0) / r).astype(g0.dtype),
-                      g_probe, g_params)
+  g_probe = params_grad(
+    jax.tree.map(shift, lin_k, t_w), jax.tree.map(shift, lin_e, t_a)
+  )
+  return jax.tree.map(
+    lambda g1, g0: ((g1 - g0) / r).astype(g0.dtype), g_probe, g_params
+  )
 
 
-def _reverse_grad(loss_params_eps, params, eps, weight_coef, act_coef, use_w,
-                  use_a, ord):
+def _reverse_grad(
+  loss_params_eps, params, eps, weight_coef, act_coef, use_w, use_a, ord
+):
   """∇_params (L + penalty) by reverse-over-reverse differentiation."""
 
   def total(p):
     (loss, _), (g_p, g_e) = jax.value_and_grad(
-        loss_params_eps, argnums=(0, 1), has_aux=True)(p, eps)
+      loss_params_eps, argnums=(0, 1), has_aux=True
+    )(p, eps)
     value = loss
     if use_w:
-      g_k, _ = split_kernels(g_p)
+      g_k = _kernel_list(g_p)
       value = value + jnp.asarray(weight_coef, jnp.float32) * _norm(g_k, ord)
     if use_a:
       value = value + jnp.asarray(act_coef, jnp.float32) * _norm(g_e, ord)

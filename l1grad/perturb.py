@@ -10,11 +10,12 @@ and lets a caller replace each of them by ``transform(key, x)``:
 * the gradient penalty adds a zero perturbation ``eps[key]`` and differentiates
   with respect to ``eps`` to get ∇_A L (:func:`perturbed`);
 * post-training quantization and STE training fake-quantize them
-  (:func:`quantized_activations`);
+  (:func:`l1grad.quant.quantized_activations`);
 * research code records, clips or injects noise into them
   (:func:`transform_layer_inputs`).
 
-Keys are the reading layer's module path joined by ``/`` (``"Block_0/Conv_1"``).
+Keys are the reading layer's module path joined by ``/`` (``"Block_0/Conv_1"``,
+:func:`l1grad.params.layer_name`, the name its kernel goes by too).
 One tensor read by several layers (a ResNet block input feeding both the first
 conv and the projection shortcut) is one activation: hardware quantizes it once,
 so it is one point, keyed by its first reader, transformed once and shared.
@@ -27,8 +28,8 @@ interceptor restarts its bookkeeping whenever a layer of a different
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterator, Mapping
+import contextlib
 from typing import Any
 
 import flax.linen as nn
@@ -36,7 +37,17 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from l1grad import quant
+from l1grad.params import layer_name
+
+__all__ = [
+  "LAYER_TYPES",
+  "Transform",
+  "activation_shapes",
+  "lookup_point",
+  "perturbed",
+  "transform_layer_inputs",
+  "zero_perturbations",
+]
 
 LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Conv, nn.Dense)
 
@@ -59,7 +70,7 @@ class _LayerInputInterceptor:
     self._calls: dict[str, int] = {}
 
   def _key(self, module: nn.Module) -> str:
-    path = "/".join(str(p) for p in module.scope.path)
+    path = layer_name(module.scope.path)
     count = self._calls.get(path, 0)
     self._calls[path] = count + 1
     return path if count == 0 else f"{path}#{count}"
@@ -67,7 +78,7 @@ class _LayerInputInterceptor:
   def __call__(self, next_fun, args, kwargs, context):
     module = context.module
     if context.method_name != "__call__" or not isinstance(
-        module, self._layer_types
+      module, self._layer_types
     ):
       return next_fun(*args, **kwargs)
     root = module.scope.root
@@ -91,9 +102,9 @@ class _LayerInputInterceptor:
 
 @contextlib.contextmanager
 def transform_layer_inputs(
-    transform: Transform,
-    *,
-    layer_types: tuple[type[nn.Module], ...] = LAYER_TYPES,
+  transform: Transform,
+  *,
+  layer_types: tuple[type[nn.Module], ...] = LAYER_TYPES,
 ) -> Iterator[None]:
   """Within the context, every perturbation point ``x`` becomes ``transform(key, x)``.
 
@@ -110,7 +121,7 @@ def transform_layer_inputs(
 
 
 def activation_shapes(
-    fn: Callable[..., Any], *args: Any, **kwargs: Any
+  fn: Callable[..., Any], *args: Any, **kwargs: Any
 ) -> dict[str, jax.ShapeDtypeStruct]:
   """Shapes of the perturbation points that ``fn(*args, **kwargs)`` reads.
 
@@ -139,20 +150,34 @@ def activation_shapes(
 
 
 def zero_perturbations(
-    shapes: Mapping[str, jax.ShapeDtypeStruct],
+  shapes: Mapping[str, jax.ShapeDtypeStruct],
 ) -> dict[str, jax.Array]:
   """Zero perturbations ``eps`` for :func:`perturbed`, one per point."""
   return {k: jnp.zeros(s.shape, s.dtype) for k, s in shapes.items()}
 
 
-def _lookup(table: Mapping[str, Any], key: str, what: str) -> Any:
+def lookup_point(table: Mapping[str, Any], key: str, what: str) -> Any:
+  """``table[key]``, or a KeyError that lists the known points.
+
+  Args:
+    table: A per-point table (perturbations, activation ranges, ...).
+    key: An activation point's key.
+    what: What the table holds, for the message (e.g. ``"activation range"``).
+
+  Returns:
+    ``table[key]``.
+
+  Raises:
+    KeyError: ``key`` is not in ``table``; the message lists the keys that
+      are.
+  """
   try:
     return table[key]
   except KeyError:
     raise KeyError(
-        f"No {what} for activation point {key!r}; known points:"
-        f" {sorted(table)}. Build it with l1grad.perturb.activation_shapes on"
-        " the same function and input shapes."
+      f"No {what} for activation point {key!r}; known points:"
+      f" {sorted(table)}. Build it with l1grad.perturb.activation_shapes on"
+      " the same function and input shapes."
     ) from None
 
 
@@ -171,94 +196,25 @@ def perturbed(eps: Mapping[str, ArrayLike]) -> Iterator[None]:
   """
 
   def add(key: str, x: jax.Array) -> jax.Array:
-    return x + jnp.asarray(_lookup(eps, key, "perturbation"), x.dtype)
+    return x + jnp.asarray(lookup_point(eps, key, "perturbation"), x.dtype)
 
   with transform_layer_inputs(add):
     yield
 
 
-def activation_scale(bits: ArrayLike, low: ArrayLike, high: ArrayLike) -> jax.Array:
-  """Bin width Δ of an activation whose range is ``[low, high]``.
-
-  A non-negative range (``low >= 0``, e.g. after a ReLU) uses the unsigned
-  grid ``[0, 2^b - 1]`` with Δ = ``high / (2^b - 1)``; otherwise the signed
-  grid with Δ = ``max(|low|, |high|) / (2^(b-1) - 1)``. Chosen with
-  ``jnp.where``, so ranges and bits may be traced values.
-  """
-  low = jnp.asarray(low, jnp.float32)
-  high = jnp.asarray(high, jnp.float32)
-  unsigned = jnp.maximum(high, 0.0) / quant.grid_max(bits, signed=False)
-  signed = jnp.maximum(jnp.abs(low), jnp.abs(high)) / quant.grid_max(
-      bits, signed=True)
-  return jnp.where(low >= 0, unsigned, signed)
+# Activation quantization lived here before it moved to l1grad.quant (which
+# imports this module, so these old names are resolved lazily).
+_MOVED_TO_QUANT = (
+  "activation_scale",
+  "dynamic_range",
+  "quantize_activation",
+  "quantized_activations",
+)
 
 
-def quantize_activation(
-    x: ArrayLike,
-    bits: ArrayLike,
-    low: ArrayLike,
-    high: ArrayLike,
-    *,
-    ste: bool = False,
-) -> jax.Array:
-  """Fake-quantizes an activation whose range is ``[low, high]``.
+def __getattr__(name: str) -> Any:
+  if name in _MOVED_TO_QUANT:
+    from l1grad import quant  # pylint: disable=g-import-not-at-top
 
-  The grid (unsigned for a non-negative range) and its bin width are those of
-  :func:`activation_scale`.
-
-  Args:
-    x: the activation.
-    bits: bit-width (may be traced).
-    low: lower end of the range (scalar).
-    high: upper end of the range (scalar).
-    ste: straight-through gradient (training) instead of plain rounding.
-
-  Returns:
-    The fake-quantized activation, same shape and dtype as ``x``.
-  """
-  x = jnp.asarray(x)
-  scale = activation_scale(bits, low, high)
-  xf = x.astype(jnp.float32)
-  q = jnp.where(
-      jnp.asarray(low) >= 0,
-      quant.fake_quant(xf, bits, scale, signed=False, ste=ste),
-      quant.fake_quant(xf, bits, scale, signed=True, ste=ste),
-  )
-  return q.astype(x.dtype)
-
-
-def dynamic_range(x: ArrayLike) -> tuple[jax.Array, jax.Array]:
-  """The batch's own ``(min, max)``, without gradient (STE training ranges)."""
-  x = jax.lax.stop_gradient(jnp.asarray(x, jnp.float32))
-  return jnp.min(x), jnp.max(x)
-
-
-@contextlib.contextmanager
-def quantized_activations(
-    bits: ArrayLike,
-    ranges: Mapping[str, tuple[ArrayLike, ArrayLike]] | None = None,
-    *,
-    ste: bool = False,
-) -> Iterator[None]:
-  """Fake-quantizes every perturbation point at ``bits``.
-
-  Args:
-    bits: activation bit-width (may be traced: one compile serves a sweep).
-    ranges: ``{key: (low, high)}`` fixed ranges (from batch norm or
-      calibration). ``None`` uses each batch's own min/max, as STE training
-      does.
-    ste: straight-through gradients (quantization-aware training).
-
-  Yields:
-    Nothing.
-  """
-
-  def quantize(key: str, x: jax.Array) -> jax.Array:
-    if ranges is None:
-      low, high = dynamic_range(x)
-    else:
-      low, high = _lookup(ranges, key, "activation range")
-    return quantize_activation(x, bits, low, high, ste=ste)
-
-  with transform_layer_inputs(quantize):
-    yield
+    return getattr(quant, name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

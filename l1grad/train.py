@@ -6,43 +6,58 @@ once per variant (plain, regularized) with the state donated, data-parallel
 over the ``data`` axis of a ``jax.make_mesh`` mesh. The loss is the mean over
 the *global* batch inside one jitted computation, so the penalty is that of
 the global batch loss whatever the number of devices.
+
+This module holds the step and the loop; what guards a run (the workdir
+lock, SIGTERM/Ctrl-C, the finite checks, the metric writer) is
+:mod:`l1grad.run_guard`, whose names stay importable from here.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
+from collections.abc import Callable
 import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import ml_collections
 import numpy as np
 import optax
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from l1grad import bits as bits_lib
 from l1grad import checkpoint
 from l1grad import config_lib
 from l1grad import data
 from l1grad import models
+from l1grad import params as params_lib
 from l1grad import penalty
 from l1grad import perturb
 from l1grad import quant
 from l1grad import regularizers
+from l1grad import run_guard
 from l1grad.errors import CheckpointError
-from l1grad.errors import WorkdirError
 
 PyTree = Any
 Metrics = dict[str, jax.Array]
+
+# The run guard's names, importable from here as before the split (the
+# private ones too: tests and callers of the trainer used them).
+MetricWriter = run_guard.MetricWriter
+TrainingDivergedError = run_guard.TrainingDivergedError
+TrainingInterrupted = run_guard.TrainingInterrupted
+_WorkdirLock = run_guard.WorkdirLock
+_StopSignal = run_guard.StopSignal
+_check_finite = run_guard.check_finite
+_check_state_finite = run_guard.check_state_finite
+_prepare_workdir = run_guard.prepare_workdir
+_signal_name = run_guard.signal_name
+_WATCHED = run_guard.WATCHED
+_REPORTED = run_guard.REPORTED
 
 
 def console(message: str, *args: Any) -> None:
@@ -55,14 +70,6 @@ def console(message: str, *args: Any) -> None:
     print(message % args if args else message, flush=True)
 
 
-class TrainingDivergedError(RuntimeError):
-  """A loss, gradient or the state became non-finite; nothing after it was saved.
-
-  ``train.py`` prints the message (step, loss parts, last good checkpoint) and
-  exits with code 1: the input was valid, the optimisation failed.
-  """
-
-
 @flax.struct.dataclass
 class TrainState:
   """Everything a step changes; a pytree of arrays (checkpointed as a dict)."""
@@ -73,43 +80,49 @@ class TrainState:
   opt_state: PyTree
 
   def to_dict(self) -> dict[str, Any]:
-    return {"step": self.step, "params": self.params,
-            "batch_stats": self.batch_stats, "opt_state": self.opt_state}
+    return {
+      "step": self.step,
+      "params": self.params,
+      "batch_stats": self.batch_stats,
+      "opt_state": self.opt_state,
+    }
 
 
 # --------------------------------------------------------------------------
 # Model, optimizer, schedule.
 
 
-def create_model(config: ml_collections.ConfigDict,
-                 num_classes: int | None = None) -> nn.Module:
-  """The config's model (``config.model`` with ``config.model_kwargs``)."""
+def create_model(
+  config: ml_collections.ConfigDict, num_classes: int | None = None
+) -> nn.Module:
+  """The config's model (:func:`l1grad.models.from_config`).
+
+  Args:
+    config: a training config.
+    num_classes: the number of logits; default: the config's dataset's.
+  """
   if num_classes is None:
-    num_classes = data.get_info(config.dataset,
-                                data_dir=config.data_dir or None).num_classes
-  kwargs = dict(config.model_kwargs.to_dict()) if config.model_kwargs else {}
-  if config.get("compute_dtype", "float32") != "float32":
-    kwargs["dtype"] = jnp.dtype(config.compute_dtype)
-  return models.get_model(config.model, num_classes=num_classes, **kwargs)
+    num_classes = data.get_info(
+      config.dataset, data_dir=config.data_dir or None
+    ).num_classes
+  return models.from_config(config, num_classes)
 
 
-def schedule_steps(config: ml_collections.ConfigDict, steps_per_epoch: int
-                   ) -> config_lib.StepPlan:
-  """All epoch/step arithmetic of a run, in one place."""
-  return config_lib.step_plan(config, steps_per_epoch)
-
-
-def learning_rate_fn(config: ml_collections.ConfigDict,
-                     plan: config_lib.StepPlan) -> optax.Schedule:
+def learning_rate_fn(
+  config: ml_collections.ConfigDict, plan: config_lib.StepPlan
+) -> optax.Schedule:
   """The config's learning-rate schedule, by step."""
   warmup = int(round(config.warmup_epochs * plan.steps_per_epoch))
   total = plan.total_steps
   if config.schedule == "cosine":
-    main = optax.cosine_decay_schedule(config.learning_rate,
-                                       max(total - warmup, 1))
+    main = optax.cosine_decay_schedule(
+      config.learning_rate, max(total - warmup, 1)
+    )
   elif config.schedule == "step":
-    boundaries = {int(e * plan.steps_per_epoch) - warmup: config.step_factor
-                  for e in config.step_epochs}
+    boundaries = {
+      int(e * plan.steps_per_epoch) - warmup: config.step_factor
+      for e in config.step_epochs
+    }
     main = optax.piecewise_constant_schedule(config.learning_rate, boundaries)
   else:
     main = optax.constant_schedule(config.learning_rate)
@@ -122,21 +135,24 @@ def learning_rate_fn(config: ml_collections.ConfigDict,
 def kernel_mask(params: PyTree) -> PyTree:
   """True at Conv/Dense kernels (weight decay applies there only)."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: penalty.is_kernel_path(path), params)
-
-
-def create_optimizer(config: ml_collections.ConfigDict,
-                     lr: optax.Schedule) -> optax.GradientTransformation:
-  if config.optimizer == "adamw":
-    return optax.adamw(lr, weight_decay=config.weight_decay, mask=kernel_mask)
-  return optax.chain(
-      optax.add_decayed_weights(config.weight_decay, mask=kernel_mask),
-      optax.sgd(lr, momentum=config.momentum, nesterov=config.nesterov),
+    lambda path, _: params_lib.is_kernel_path(path), params
   )
 
 
-def init_variables(model: nn.Module, image_shape: tuple[int, ...],
-                   seed: int) -> tuple[PyTree, PyTree]:
+def create_optimizer(
+  config: ml_collections.ConfigDict, lr: optax.Schedule
+) -> optax.GradientTransformation:
+  if config.optimizer == "adamw":
+    return optax.adamw(lr, weight_decay=config.weight_decay, mask=kernel_mask)
+  return optax.chain(
+    optax.add_decayed_weights(config.weight_decay, mask=kernel_mask),
+    optax.sgd(lr, momentum=config.momentum, nesterov=config.nesterov),
+  )
+
+
+def init_variables(
+  model: nn.Module, image_shape: tuple[int, ...], seed: int
+) -> tuple[PyTree, PyTree]:
   """Fresh ``(params, batch_stats)``, initialised under jit."""
 
   @jax.jit
@@ -152,41 +168,60 @@ def init_variables(model: nn.Module, image_shape: tuple[int, ...],
 # The step.
 
 
-def make_loss_fn(model: nn.Module, config: ml_collections.ConfigDict,
-                 *, regularized: bool) -> Callable[..., Any]:
+def make_loss_fn(
+  model: nn.Module, config: ml_collections.ConfigDict, *, regularized: bool
+) -> Callable[..., Any]:
   """``(params, batch_stats, images, labels, rng) -> (loss, aux)``.
 
   ``loss`` is the batch-mean cross-entropy, plus the DQ term when it is on;
   ``aux`` holds the new batch statistics, the logits and the loss parts.
   """
   qat_bits = bits_lib.parse_pair(config.qat.bits) if config.qat.bits else None
-  dq_beta = (config.reg.weight_coef
-             if regularized and config.reg.kind == "dq" else 0.0)
+  dq_beta = (
+    config.reg.weight_coef if regularized and config.reg.kind == "dq" else 0.0
+  )
 
   def loss_fn(params, batch_stats, images, labels, rng):
     applied = params
     context = perturb.transform_layer_inputs(lambda k, x: x)
     if qat_bits is not None:
       applied = quant.quantize_kernels(params, qat_bits[0], ste=True)
-      context = perturb.quantized_activations(qat_bits[1], None, ste=True)
+      context = quant.quantized_activations(qat_bits[1], None, ste=True)
     with context:
       logits, updates = model.apply(
-          {"params": applied, "batch_stats": batch_stats}, images, train=True,
-          mutable=["batch_stats"], rngs={"dropout": rng})
+        {"params": applied, "batch_stats": batch_stats},
+        images,
+        train=True,
+        mutable=["batch_stats"],
+        rngs={"dropout": rng},
+      )
     xent = optax.softmax_cross_entropy_with_integer_labels(
-        logits.astype(jnp.float32), labels).mean()
-    dq = (regularizers.orthogonality_penalty(params, beta=dq_beta)
-          if dq_beta else jnp.zeros((), jnp.float32))
-    aux = {"batch_stats": updates["batch_stats"], "logits": logits,
-           "cross_entropy": xent, "dq_penalty": dq}
+      logits.astype(jnp.float32), labels
+    ).mean()
+    dq = (
+      regularizers.orthogonality_penalty(params, beta=dq_beta)
+      if dq_beta
+      else jnp.zeros((), jnp.float32)
+    )
+    aux = {
+      "batch_stats": updates["batch_stats"],
+      "logits": logits,
+      "cross_entropy": xent,
+      "dq_penalty": dq,
+    }
     return xent + dq, aux
 
   return loss_fn
 
 
-def make_train_step(model: nn.Module, config: ml_collections.ConfigDict,
-                    tx: optax.GradientTransformation, lr: optax.Schedule,
-                    *, regularized: bool) -> Callable[..., Any]:
+def make_train_step(
+  model: nn.Module,
+  config: ml_collections.ConfigDict,
+  tx: optax.GradientTransformation,
+  lr: optax.Schedule,
+  *,
+  regularized: bool,
+) -> Callable[..., Any]:
   """The pure step ``(state, batch, rng) -> (state, metrics)`` (not jitted).
 
   ``regularized`` switches the gradient-norm penalty or the DQ term on; the
@@ -198,41 +233,51 @@ def make_train_step(model: nn.Module, config: ml_collections.ConfigDict,
   act_coef = config_lib.act_coef(config) if grad_reg else 0.0
   loss_fn = make_loss_fn(model, config, regularized=regularized)
   value_and_grad = penalty.value_and_grad(
-      loss_fn, ord=2 if reg.kind == "l2" else 1, weight_coef=weight_coef,
-      act_coef=act_coef, method=reg.method, has_aux=True,
-      fd_step=reg.fd_step, track_activations=config.get("track_act_grad", True))
+    loss_fn,
+    ord=2 if reg.kind == "l2" else 1,
+    weight_coef=weight_coef,
+    act_coef=act_coef,
+    method=reg.method,
+    has_aux=True,
+    fd_step=reg.fd_step,
+    track_activations=config.get("track_act_grad", True),
+  )
 
-  def train_step(state: TrainState, batch: dict[str, jax.Array],
-                 rng: jax.Array) -> tuple[TrainState, Metrics]:
+  def train_step(
+    state: TrainState, batch: dict[str, jax.Array], rng: jax.Array
+  ) -> tuple[TrainState, Metrics]:
     step_rng = jax.random.fold_in(rng, state.step)
     (total, info), grads = value_and_grad(
-        state.params, state.batch_stats, batch["image"], batch["label"],
-        step_rng)
+      state.params, state.batch_stats, batch["image"], batch["label"], step_rng
+    )
     aux = info["aux"]
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     accuracy = jnp.mean(jnp.argmax(aux["logits"], -1) == batch["label"])
     metrics = {
-        "total_loss": total,
-        "cross_entropy": aux["cross_entropy"],
-        "penalty": info["penalty"],
-        "weight_penalty": info["weight_penalty"],
-        "act_penalty": info["act_penalty"],
-        "dq_penalty": aux["dq_penalty"],
-        "weight_grad_l1": info["weight_grad_l1"],
-        "weight_grad_l2": info["weight_grad_l2"],
-        "act_grad_l1": info["act_grad_l1"],
-        "act_grad_l2": info["act_grad_l2"],
-        "grad_norm": optax.tree.norm(grads),
-        "update_norm": optax.tree.norm(updates),
-        "param_norm": optax.tree.norm(params),
-        "train_accuracy": accuracy,
-        "learning_rate": lr(state.step),
-        "regularized": jnp.asarray(regularized, jnp.float32),
+      "total_loss": total,
+      "cross_entropy": aux["cross_entropy"],
+      "penalty": info["penalty"],
+      "weight_penalty": info["weight_penalty"],
+      "act_penalty": info["act_penalty"],
+      "dq_penalty": aux["dq_penalty"],
+      "weight_grad_l1": info["weight_grad_l1"],
+      "weight_grad_l2": info["weight_grad_l2"],
+      "act_grad_l1": info["act_grad_l1"],
+      "act_grad_l2": info["act_grad_l2"],
+      "grad_norm": optax.tree.norm(grads),
+      "update_norm": optax.tree.norm(updates),
+      "param_norm": optax.tree.norm(params),
+      "train_accuracy": accuracy,
+      "learning_rate": lr(state.step),
+      "regularized": jnp.asarray(regularized, jnp.float32),
     }
-    new_state = state.replace(step=state.step + 1, params=params,
-                              batch_stats=aux["batch_stats"],
-                              opt_state=opt_state)
+    new_state = state.replace(
+      step=state.step + 1,
+      params=params,
+      batch_stats=aux["batch_stats"],
+      opt_state=opt_state,
+    )
     return new_state, metrics
 
   return train_step
@@ -242,15 +287,21 @@ def make_eval_step(model: nn.Module) -> Callable[..., Any]:
   """``(state, batch) -> sums`` of correct predictions, loss and examples."""
 
   def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> Metrics:
-    logits = model.apply({"params": state.params,
-                          "batch_stats": state.batch_stats},
-                         batch["image"], train=False)
+    logits = model.apply(
+      {"params": state.params, "batch_stats": state.batch_stats},
+      batch["image"],
+      train=False,
+    )
     mask = batch["mask"].astype(jnp.float32)
     xent = optax.softmax_cross_entropy_with_integer_labels(
-        logits.astype(jnp.float32), batch["label"])
+      logits.astype(jnp.float32), batch["label"]
+    )
     correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
-    return {"correct": jnp.sum(correct * mask), "loss": jnp.sum(xent * mask),
-            "count": jnp.sum(mask)}
+    return {
+      "correct": jnp.sum(correct * mask),
+      "loss": jnp.sum(xent * mask),
+      "count": jnp.sum(mask),
+    }
 
   return eval_step
 
@@ -264,260 +315,81 @@ def data_mesh() -> jax.sharding.Mesh:
   return jax.make_mesh((jax.device_count(),), ("data",))
 
 
-def global_batch(batch: dict[str, np.ndarray], sharding: NamedSharding
-                 ) -> dict[str, jax.Array]:
+def global_batch(
+  batch: dict[str, np.ndarray], sharding: NamedSharding
+) -> dict[str, jax.Array]:
   """This process's slice of a batch → one global array split over ``data``."""
-  return {k: jax.make_array_from_process_local_data(sharding, v)
-          for k, v in batch.items()}
+  return {
+    k: jax.make_array_from_process_local_data(sharding, v)
+    for k, v in batch.items()
+  }
 
 
-def evaluate(eval_step: Callable[..., Any], state: TrainState,
-             config: ml_collections.ConfigDict, sharding: NamedSharding
-             ) -> dict[str, float]:
+def evaluate(
+  eval_step: Callable[..., Any],
+  state: TrainState,
+  config: ml_collections.ConfigDict,
+  sharding: NamedSharding,
+) -> dict[str, float]:
   """Accuracy and loss over the whole test split (padded batches masked)."""
-  max_examples = config.max_eval_examples if config.max_eval_examples > 0 else None
+  max_examples = (
+    config.max_eval_examples if config.max_eval_examples > 0 else None
+  )
   sums = None
   for batch in data.eval_batches(
-      config.dataset, "test", global_batch_size=config_lib.eval_batch_size(config),
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      data_dir=config.data_dir or None, max_examples=max_examples):
+    config.dataset,
+    "test",
+    global_batch_size=config_lib.eval_batch_size(config),
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    data_dir=config.data_dir or None,
+    max_examples=max_examples,
+  ):
     out = eval_step(state, global_batch(batch, sharding))
     sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
   sums = jax.device_get(sums)
   count = max(float(sums["count"]), 1.0)
-  return {"test_accuracy": float(sums["correct"]) / count,
-          "test_loss": float(sums["loss"]) / count}
-
-
-# --------------------------------------------------------------------------
-# Logging.
-
-
-class MetricWriter:
-  """Scalars to ``metrics.jsonl`` and TensorBoard event files (no TensorFlow).
-
-  On resume both are cut back to the checkpoint: ``metrics.jsonl`` is
-  rewritten from the checkpoint's history, and TensorBoard is told to hide
-  the events an interrupted run logged after ``start_step`` (the rerun logs
-  those steps again), so neither shows a step twice.
-  """
-
-  def __init__(self, workdir: str, history: list[dict[str, Any]],
-               start_step: int = 0):
-    self._enabled = jax.process_index() == 0
-    self._path = os.path.join(workdir, "metrics.jsonl")
-    self._tb = None
-    if self._enabled:
-      # Written beside and renamed: a kill during the rewrite must not leave
-      # a truncated file that holds less than the checkpoint's history.
-      tmp = self._path + ".tmp"
-      with open(tmp, "w") as f:
-        for row in history:
-          f.write(json.dumps(row) + "\n")
-      os.replace(tmp, self._path)
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
-                               purge_step=start_step + 1 if start_step else None)
-
-  def write(self, step: int, scalars: dict[str, float]) -> None:
-    if not self._enabled:
-      return
-    with open(self._path, "a") as f:
-      f.write(json.dumps({"step": step, **scalars}) + "\n")
-    for name, value in scalars.items():
-      self._tb.add_scalar(name, value, step)
-    self._tb.flush()
-
-  def close(self) -> None:
-    if self._tb is not None:
-      self._tb.close()
-
-
-# Metrics whose non-finite value means the run has diverged; the last two
-# (update and parameter norms) catch an overflow in the optimizer even when
-# the loss and gradient are still finite.
-_WATCHED = ("total_loss", "cross_entropy", "penalty", "dq_penalty", "grad_norm",
-            "update_norm", "param_norm")
-# The loss parts and context the divergence message reports.
-_REPORTED = ("cross_entropy", "weight_penalty", "act_penalty", "dq_penalty",
-             "penalty", "total_loss", "grad_norm", "update_norm", "param_norm",
-             "learning_rate")
-
-
-def _last_good(last_saved: int | None, workdir: str) -> str:
-  if last_saved is None:
-    return "no checkpoint was saved before it"
-  return (f"the last good checkpoint is step {last_saved} in"
-          f" {checkpoint.checkpoint_dir(workdir)}")
-
-
-_DIVERGED_FIX = (
-    " Rerunning the same command would diverge again. Lower the learning"
-    " rate (--config.learning_rate) or the regularization coefficient"
-    " (--config.reg.weight_coef), or fine-tune from a trained model"
-    " instead of regularizing from scratch, in a new --workdir (this one"
-    " refuses a changed config); --config.init_from=<this workdir> starts"
-    " from its last good checkpoint.")
-
-
-def _check_finite(pending: list[tuple[int, Metrics]], last_saved: int | None,
-                  workdir: str, last_step: int | None = None) -> None:
-  """Raises on the first pending step whose loss, gradient or update is not finite.
-
-  Args:
-    pending: ``(step index, metrics)`` of every step run since the last check,
-      oldest first. Checking all of them (not only the one logged) is what
-      guarantees that a later save never holds a state a bad step produced.
-    last_saved: the newest checkpoint step, or None.
-    workdir: the run's workdir (named in the message).
-    last_step: the run's last step, for the "step N/M" numbering of the
-      progress lines.
-
-  Raises:
-    TrainingDivergedError: naming the step, each loss part and the last good
-      checkpoint.
-  """
-  for step, metrics in pending:
-    values = jax.device_get(metrics)
-    if all(math.isfinite(float(values[k])) for k in _WATCHED):
-      continue
-    parts = ", ".join(f"{k}={float(values[k]):.6g}" for k in _REPORTED)
-    what = ("loss or gradient" if not all(
-        math.isfinite(float(values[k])) for k in _WATCHED[:5])
-            else "parameter update")
-    # Step numbers count steps done, as in the progress lines and checkpoint
-    # names: the update with index `step` is "step step+1".
-    total = f"/{last_step}" if last_step is not None else ""
-    raise TrainingDivergedError(
-        f"Non-finite {what} at step {step + 1}{total} ({parts})."
-        " Training stopped and nothing from this step on was saved;"
-        f" {_last_good(last_saved, workdir)}." + _DIVERGED_FIX)
-
-
-@jax.jit
-def _all_finite(tree: PyTree) -> jax.Array:
-  """True when every floating-point leaf of ``tree`` is finite."""
-  flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-           if jnp.issubdtype(x.dtype, jnp.inexact)]
-  return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
-
-
-def _check_state_finite(state: TrainState, step: int, last_saved: int | None,
-                        workdir: str) -> None:
-  """Refuses to checkpoint a state with a non-finite parameter or statistic.
-
-  The metric check sees losses and norms only; this one sees every array
-  that would be saved (batch statistics and optimizer moments included), so
-  no checkpoint can ever hold a NaN or an infinity.
-  """
-  if bool(jax.device_get(_all_finite(state.to_dict()))):
-    return
-  raise TrainingDivergedError(
-      f"The train state holds a non-finite value at step {step} although"
-      " every logged loss and gradient was finite (an overflow in the"
-      " parameters, batch statistics or optimizer state). Training stopped"
-      f" without saving step {step}; {_last_good(last_saved, workdir)}."
-      + _DIVERGED_FIX)
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-  """Ctrl-C (SIGINT) stopped the run after it saved the current step.
-
-  A ``KeyboardInterrupt``, so a notebook cell or a caller that does not know
-  it stops as it would on any Ctrl-C; ``train.py`` exits with 130
-  (128 + SIGINT), the shell's convention, without a traceback.
-  """
-
-
-class _StopSignal:
-  """Turns SIGTERM and SIGINT into "save at the current step and stop".
-
-  Cluster schedulers send SIGTERM some seconds before they kill a job; a
-  person presses Ctrl-C. The handler only sets a flag: saving from inside a
-  signal handler could interleave with a step or with Orbax's own save (and
-  a ``KeyboardInterrupt`` raised in the middle of a JAX call or an Orbax
-  write can leave threads that crash the interpreter at exit). The loop
-  checks the flag after every step. A second signal stops at once, without
-  saving, with the exit status 128 + signal number.
-
-  With several processes, every host must stop at the same step, which a
-  local flag cannot promise; there the JAX distributed runtime's preemption
-  service (it handles SIGTERM itself) agrees on the step, read through
-  ``CheckpointManager.reached_preemption``.
-  """
-
-  SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-  def __init__(self):
-    self.signal_number: int | None = None
-    self._previous: dict[int, Any] = {}
-
-  def __enter__(self) -> "_StopSignal":
-    # signal.signal works only in the main thread; elsewhere (a notebook's
-    # worker thread) the signals keep their default meaning.
-    # With several processes a local flag would stop one host alone (and
-    # hang the others in the next collective): SIGTERM goes to the
-    # preemption service, Ctrl-C keeps its default meaning.
-    if (threading.current_thread() is not threading.main_thread()
-        or jax.process_count() > 1):
-      return self
-    for number in self.SIGNALS:
-      if signal.getsignal(number) == signal.SIG_IGN:
-        continue  # e.g. SIGINT of a background job: keep ignoring it
-      self._previous[number] = signal.signal(number, self._handle)
-    return self
-
-  def __exit__(self, *exc_info: Any) -> None:
-    for number, previous in self._previous.items():
-      signal.signal(number, previous if previous is not None else signal.SIG_DFL)
-    self._previous = {}
-
-  def _handle(self, signum: int, frame: Any) -> None:
-    del frame
-    if self.signal_number is not None:
-      # The second signal: the person does not want to wait for the save.
-      os.write(2, f"\n{signal.Signals(signum).name} again: stopping at once,"
-               " without saving.\n".encode())
-      os._exit(128 + signum)
-    self.signal_number = signum
-    if jax.process_index() == 0:
-      os.write(2, f"\n{signal.Signals(signum).name}: finishing the current"
-               " step, then saving (send it again to stop at once).\n"
-               .encode())
-
-  def requested(self, mngr: Any, step: int) -> bool:
-    if jax.process_count() > 1:
-      return bool(mngr.reached_preemption(step))
-    return self.signal_number is not None
+  return {
+    "test_accuracy": float(sums["correct"]) / count,
+    "test_loss": float(sums["loss"]) / count,
+  }
 
 
 # --------------------------------------------------------------------------
 # The loop.
 
 
-def abstract_variables(model: nn.Module, image_shape: tuple[int, ...]
-                       ) -> tuple[PyTree, PyTree]:
+def abstract_variables(
+  model: nn.Module, image_shape: tuple[int, ...]
+) -> tuple[PyTree, PyTree]:
   """``(params, batch_stats)`` as shapes and dtypes only; nothing compiles."""
   variables = jax.eval_shape(
-      lambda: model.init({"params": jax.random.key(0)},
-                         jnp.zeros((1, *image_shape), jnp.float32),
-                         train=False))
+    lambda: model.init(
+      {"params": jax.random.key(0)},
+      jnp.zeros((1, *image_shape), jnp.float32),
+      train=False,
+    )
+  )
   return variables["params"], variables.get("batch_stats", {})
 
 
 def _shape_table(tree: PyTree) -> dict[str, tuple[tuple[int, ...], str]]:
   """``{"params/Conv_0/kernel": (shape, dtype), ...}``, parameters first."""
   table = {
-      "/".join(str(getattr(k, "key", k)) for k in path):
-          (tuple(x.shape), str(x.dtype))
-      for path, x in jax.tree_util.tree_leaves_with_path(tree)}
+    params_lib.layer_name(path): (tuple(x.shape), str(x.dtype))
+    for path, x in jax.tree_util.tree_leaves_with_path(tree)
+  }
   # A user recognises a kernel's shape sooner than a batch-norm statistic's.
-  return dict(sorted(table.items(),
-                     key=lambda kv: (not kv[0].startswith("params/"), kv[0])))
+  return dict(
+    sorted(
+      table.items(), key=lambda kv: (not kv[0].startswith("params/"), kv[0])
+    )
+  )
 
 
-def _restore_init_from(init_from: str, params: PyTree, batch_stats: PyTree
-                       ) -> tuple[PyTree, PyTree]:
+def _restore_init_from(
+  init_from: str, params: PyTree, batch_stats: PyTree
+) -> tuple[PyTree, PyTree]:
   """Parameters and batch statistics of another run, checked against ours.
 
   ``params`` and ``batch_stats`` give the expected shapes and dtypes (arrays
@@ -531,113 +403,47 @@ def _restore_init_from(init_from: str, params: PyTree, batch_stats: PyTree
   except CheckpointError as e:
     raise CheckpointError(f"config.init_from: {e}") from None
   expected = _shape_table({"params": params, "batch_stats": batch_stats})
-  got = _shape_table({"params": source.params,
-                      "batch_stats": source.batch_stats})
+  got = _shape_table(
+    {"params": source.params, "batch_stats": source.batch_stats}
+  )
   if expected != got:
     missing = sorted(set(expected) - set(got))
     extra = sorted(set(got) - set(expected))
     if missing or extra:
-      detail = (f"this model has {len(missing)} array(s) the source lacks"
-                f" (e.g. {missing[0] if missing else extra[0]})")
+      detail = (
+        f"this model has {len(missing)} array(s) the source lacks"
+        f" (e.g. {missing[0] if missing else extra[0]})"
+      )
       if extra and not missing:
-        detail = (f"the source has {len(extra)} array(s) this model lacks"
-                  f" (e.g. {extra[0]})")
+        detail = (
+          f"the source has {len(extra)} array(s) this model lacks"
+          f" (e.g. {extra[0]})"
+        )
     else:
       key = next(k for k in expected if expected[k] != got[k])
-      detail = (f"{key} is {got[key][0]} {got[key][1]} there and"
-                f" {expected[key][0]} {expected[key][1]} here")
+      detail = (
+        f"{key} is {got[key][0]} {got[key][1]} there and"
+        f" {expected[key][0]} {expected[key][1]} here"
+      )
     kwargs = source.config.get("model_kwargs") or {}
     if hasattr(kwargs, "to_dict"):
       kwargs = kwargs.to_dict()
     raise CheckpointError(
-        f"--config.init_from={init_from!r} holds a {source.config.model!r}"
-        f" model (model_kwargs {kwargs}) on {source.config.dataset!r} whose"
-        f" parameters do not match this run's model: {detail}. Fine-tune"
-        " with the same --config.model and --config.model_kwargs as the"
-        " source run.")
-  return (jax.tree.map(jnp.asarray, source.params),
-          jax.tree.map(jnp.asarray, source.batch_stats))
+      f"--config.init_from={init_from!r} holds a {source.config.model!r}"
+      f" model (model_kwargs {kwargs}) on {source.config.dataset!r} whose"
+      f" parameters do not match this run's model: {detail}. Fine-tune"
+      " with the same --config.model and --config.model_kwargs as the"
+      " source run."
+    )
+  return (
+    jax.tree.map(jnp.asarray, source.params),
+    jax.tree.map(jnp.asarray, source.batch_stats),
+  )
 
 
-class _WorkdirLock:
-  """Holds an exclusive lock on ``WORKDIR/.lock`` while a run writes there.
-
-  Two trainers in one workdir (a scheduler restarting a job whose old copy
-  is still saving, a command started twice) would interleave checkpoints and
-  delete each other's temporary save folders. ``flock`` locks are released
-  by the kernel when the process dies, even by SIGKILL, so a killed run never
-  leaves a stale lock behind (the file may remain; it holds the pid of the
-  last holder and is harmless). A run that ends by itself deletes the file.
-  Only the first process locks: on several hosts the others write through it.
-  """
-
-  def __init__(self, workdir: str):
-    self._path = os.path.join(workdir, ".lock")
-    self._file = None
-
-  def __enter__(self) -> "_WorkdirLock":
-    try:
-      import fcntl  # pylint: disable=g-import-not-at-top
-    except ImportError:  # Not POSIX: run unlocked rather than not at all.
-      return self
-    if jax.process_index() != 0:
-      return self
-    while True:
-      self._file = open(self._path, "a+")
-      try:
-        fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-      except OSError:
-        self._file.seek(0)
-        holder = self._file.read().strip() or "unknown"
-        self._file.close()
-        self._file = None
-        raise WorkdirError(
-            f"Another training process (pid {holder}) is running in"
-            f" {os.path.dirname(self._path)}. Wait for it to finish or stop"
-            " it (SIGTERM or Ctrl-C saves a checkpoint), then rerun; or pass"
-            " a new --workdir.") from None
-      # The previous holder may have deleted the file between our open and
-      # our flock: then we hold a lock on a name nobody else will open.
-      try:
-        if os.stat(self._path).st_ino == os.fstat(self._file.fileno()).st_ino:
-          break
-      except FileNotFoundError:
-        pass
-      self._file.close()
-    self._file.seek(0)
-    self._file.truncate()
-    self._file.write(str(os.getpid()))
-    self._file.flush()
-    return self
-
-  def __exit__(self, *exc_info: Any) -> None:
-    if self._file is not None:
-      # Deleted while still held, so no other process can lock the old file
-      # and believe it owns the workdir.
-      try:
-        os.unlink(self._path)
-      except FileNotFoundError:
-        pass
-      self._file.close()  # Closing releases the lock.
-      self._file = None
-
-
-def _prepare_workdir(workdir: str) -> str:
-  workdir = os.path.abspath(workdir)
-  try:
-    os.makedirs(workdir, exist_ok=True)
-  except OSError as e:
-    raise WorkdirError(
-        f"Cannot create --workdir {workdir!r} ({e.strerror or e}). Pass a"
-        " writable directory path.") from None
-  if not os.access(workdir, os.W_OK):
-    raise WorkdirError(f"--workdir {workdir!r} is not writable. Pass a"
-                       " writable directory path.")
-  return workdir
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> TrainState:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str
+) -> TrainState:
   """Trains (or resumes) the configured run in ``workdir`` and evaluates it.
 
   Every check of the user's input (config, data, workdir, ``init_from``)
@@ -661,17 +467,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   # Before the workdir is created or locked: a missing dataset must leave
   # nothing behind.
   data.get_info(config.dataset, data_dir=config.data_dir or None)
-  workdir = _prepare_workdir(workdir)
-  with _WorkdirLock(workdir):
+  workdir = run_guard.prepare_workdir(workdir)
+  with run_guard.WorkdirLock(workdir):
     return _train_locked(config, workdir)
 
 
-def _train_locked(config: ml_collections.ConfigDict,
-                  workdir: str) -> TrainState:
+def _train_locked(
+  config: ml_collections.ConfigDict, workdir: str
+) -> TrainState:
   """``train_and_evaluate`` once the workdir is this process's."""
   info = data.get_info(config.dataset, data_dir=config.data_dir or None)
-  plan = schedule_steps(config, data.steps_per_epoch(
-      config.dataset, config.batch_size, data_dir=config.data_dir or None))
+  plan = config_lib.step_plan(
+    config,
+    data.steps_per_epoch(
+      config.dataset, config.batch_size, data_dir=config.data_dir or None
+    ),
+  )
   model = create_model(config, info.num_classes)
   lr = learning_rate_fn(config, plan)
   tx = create_optimizer(config, lr)
@@ -685,18 +496,23 @@ def _train_locked(config: ml_collections.ConfigDict,
   try:
     latest = mngr.latest_step()
     if latest is not None:
-      config_lib.check_same_run(config, checkpoint.stored_config(mngr, latest),
-                                workdir)
+      config_lib.check_same_run(
+        config, checkpoint.stored_config(mngr, latest), workdir
+      )
     if config.init_from and latest is None:
       # Checked on shapes alone so an incompatible source fails before any
       # compilation; the random init is skipped since it would be replaced.
       params, batch_stats = _restore_init_from(
-          config.init_from, *abstract_variables(model, info.image_shape))
+        config.init_from, *abstract_variables(model, info.image_shape)
+      )
     else:
-      params, batch_stats = init_variables(model, info.image_shape,
-                                           config.seed)
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                       batch_stats=batch_stats, opt_state=tx.init(params))
+      params, batch_stats = init_variables(model, info.image_shape, config.seed)
+    state = TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      batch_stats=batch_stats,
+      opt_state=tx.init(params),
+    )
     state = jax.device_put(state, replicated)
     history: list[dict[str, Any]] = []
     if latest is not None:
@@ -708,32 +524,50 @@ def _train_locked(config: ml_collections.ConfigDict,
     for regularized in (False, True):
       fn = make_train_step(model, config, tx, lr, regularized=regularized)
       step_fns[regularized] = jax.jit(
-          fn, donate_argnums=0,
-          in_shardings=(replicated, batch_sharding, replicated),
-          out_shardings=(replicated, replicated))
-    eval_step = jax.jit(make_eval_step(model),
-                        in_shardings=(replicated, batch_sharding),
-                        out_shardings=replicated)
+        fn,
+        donate_argnums=0,
+        in_shardings=(replicated, batch_sharding, replicated),
+        out_shardings=(replicated, replicated),
+      )
+    eval_step = jax.jit(
+      make_eval_step(model),
+      in_shardings=(replicated, batch_sharding),
+      out_shardings=replicated,
+    )
 
     rng = jax.random.key(config.seed)
     start = int(jax.device_get(state.step))
-    writer = MetricWriter(workdir, history, start)
+    writer = run_guard.MetricWriter(workdir, history, start)
     if start >= plan.last_step:
-      console("Nothing to do: %s already holds step %d of %d.", workdir,
-              start, plan.last_step)
+      console(
+        "Nothing to do: %s already holds step %d of %d.",
+        workdir,
+        start,
+        plan.last_step,
+      )
       return state
     batches = data.train_batches(
-        config.dataset, global_batch_size=config.batch_size, seed=config.seed,
-        start_step=start, process_index=jax.process_index(),
-        process_count=jax.process_count(), data_dir=config.data_dir or None,
-        worker_count=config.worker_count)
+      config.dataset,
+      global_batch_size=config.batch_size,
+      seed=config.seed,
+      start_step=start,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      data_dir=config.data_dir or None,
+      worker_count=config.worker_count,
+    )
     console(
-        "Training %s on %s: %d steps (%d epochs × %d), %s, %d device(s).",
-        config.model, config.dataset, plan.total_steps, config.num_epochs,
-        plan.steps_per_epoch,
-        "no regularization" if plan.reg_start_step >= plan.total_steps
-        else f"regularization {config.reg.kind} from step {plan.reg_start_step}",
-        jax.device_count())
+      "Training %s on %s: %d steps (%d epochs × %d), %s, %d device(s).",
+      config.model,
+      config.dataset,
+      plan.total_steps,
+      config.num_epochs,
+      plan.steps_per_epoch,
+      "no regularization"
+      if plan.reg_start_step >= plan.total_steps
+      else f"regularization {config.reg.kind} from step {plan.reg_start_step}",
+      jax.device_count(),
+    )
 
     pending: list[tuple[int, Metrics]] = []
     last_saved = latest
@@ -742,7 +576,7 @@ def _train_locked(config: ml_collections.ConfigDict,
     # ETA of every run counts the compilation (3-4× too long on CPU).
     compiled: set[bool] = set()
     t_mark, timed_steps, rate = time.time(), 0, None
-    with _StopSignal() as stop:
+    with run_guard.StopSignal() as stop:
       for step in range(start, plan.last_step):
         batch = global_batch(next(batches), batch_sharding)
         regularized = plan.regularized(step)
@@ -759,23 +593,27 @@ def _train_locked(config: ml_collections.ConfigDict,
         epoch_end = done % plan.steps_per_epoch == 0
         save_now = done % plan.checkpoint_every == 0 or done == plan.last_step
         eval_now = done == plan.last_step or (
-            epoch_end and config.eval_every_epochs > 0 and
-            (done // plan.steps_per_epoch) % config.eval_every_epochs == 0)
+          epoch_end
+          and config.eval_every_epochs > 0
+          and (done // plan.steps_per_epoch) % config.eval_every_epochs == 0
+        )
         stop_now = stop.requested(mngr, done) and done < plan.last_step
         if not (log_now or save_now or eval_now or stop_now):
           continue
         # Every step since the last check, not only the logged one: a bad
         # step followed by finite-looking ones must still stop the run
         # before anything it produced is saved.
-        _check_finite(pending, last_saved, workdir, plan.last_step)
+        run_guard.check_finite(pending, last_saved, workdir, plan.last_step)
         if log_now or save_now or eval_now:
           # A stop adds no row: the resumed run's metrics.jsonl then reads
           # exactly like an uninterrupted run's.
-          scalars = {k: float(v)
-                     for k, v in jax.device_get(pending[-1][1]).items()}
+          scalars = {
+            k: float(v) for k, v in jax.device_get(pending[-1][1]).items()
+          }
           if timed_steps:
-            rate = (timed_steps * config.batch_size
-                    / max(time.time() - t_mark, 1e-9))
+            rate = (
+              timed_steps * config.batch_size / max(time.time() - t_mark, 1e-9)
+            )
           scalars["epoch"] = done / plan.steps_per_epoch
           scalars["images_per_sec"] = rate or 0.0
           if eval_now:
@@ -788,45 +626,55 @@ def _train_locked(config: ml_collections.ConfigDict,
             eta = (plan.last_step - done) * config.batch_size / rate
             speed = f"{rate:.0f} img/s ETA {eta:.0f}s"
           console(
-              "step %d/%d (epoch %.2f) xent %.4f penalty %.4g |∇W|₁ %.4g"
-              " |∇A|₁ %.4g train acc %.3f%s lr %.4g %s",
-              done, plan.last_step, scalars["epoch"], scalars["cross_entropy"],
-              scalars["penalty"] + scalars["dq_penalty"],
-              scalars["weight_grad_l1"], scalars["act_grad_l1"],
-              scalars["train_accuracy"],
-              f" test acc {scalars['test_accuracy']:.4f}" if eval_now else "",
-              scalars["learning_rate"], speed)
+            "step %d/%d (epoch %.2f) xent %.4f penalty %.4g |∇W|₁ %.4g"
+            " |∇A|₁ %.4g train acc %.3f%s lr %.4g %s",
+            done,
+            plan.last_step,
+            scalars["epoch"],
+            scalars["cross_entropy"],
+            scalars["penalty"] + scalars["dq_penalty"],
+            scalars["weight_grad_l1"],
+            scalars["act_grad_l1"],
+            scalars["train_accuracy"],
+            f" test acc {scalars['test_accuracy']:.4f}" if eval_now else "",
+            scalars["learning_rate"],
+            speed,
+          )
         pending.clear()
         if save_now or stop_now:
-          _check_state_finite(state, done, last_saved, workdir)
+          run_guard.check_state_finite(state, done, last_saved, workdir)
           checkpoint.save(mngr, done, state.to_dict(), config, history)
           last_saved = done
         t_mark, timed_steps = time.time(), 0
         if stop_now:
           mngr.wait_until_finished()
-          console("Stopped by %s after step %d of %d; saved checkpoint %d in"
-                  " %s. Rerun the same command to continue.",
-                  _signal_name(stop.signal_number), done, plan.last_step,
-                  done, checkpoint.checkpoint_dir(workdir))
+          console(
+            "Stopped by %s after step %d of %d; saved checkpoint %d in"
+            " %s. Rerun the same command to continue.",
+            run_guard.signal_name(stop.signal_number),
+            done,
+            plan.last_step,
+            done,
+            checkpoint.checkpoint_dir(workdir),
+          )
           if stop.signal_number == signal.SIGINT:
-            raise TrainingInterrupted(
-                f"Stopped by SIGINT after step {done}; checkpoint {done} saved"
-                f" in {checkpoint.checkpoint_dir(workdir)}.")
+            raise run_guard.TrainingInterrupted(
+              f"Stopped by SIGINT after step {done}; checkpoint {done} saved"
+              f" in {checkpoint.checkpoint_dir(workdir)}."
+            )
           break
       else:
-        console("Done: step %d of %d. Checkpoints: %s\nNext, the accuracy at"
-                " every bit-width: python eval_ptq.py --workdir %s",
-                done, plan.total_steps, checkpoint.checkpoint_dir(workdir),
-                workdir)
+        console(
+          "Done: step %d of %d. Checkpoints: %s\nNext, the accuracy at"
+          " every bit-width: python eval_ptq.py --workdir %s",
+          done,
+          plan.total_steps,
+          checkpoint.checkpoint_dir(workdir),
+          workdir,
+        )
   finally:
     mngr.wait_until_finished()
     mngr.close()
     if writer is not None:
       writer.close()
   return state
-
-
-def _signal_name(number: int | None) -> str:
-  if number is None:
-    return "a preemption notice"
-  return signal.Signals(number).name

@@ -7,7 +7,6 @@ import os
 import jax
 import numpy as np
 
-from l1grad import penalty
 from l1grad import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,10 +23,27 @@ def _load(name):
 def test_step_time_smoke_on_digits(tmp_path):
   step_time = _load("step_time")
   out = tmp_path / "digits.json"
-  result = step_time.main([
-      "--models", "digits", "--digits-width", "4", "--digits-batch", "16",
-      "--variants", "plain,l1_hvp,l1_fd", "--repeats", "1", "--steps", "1",
-      "--warmup", "0", "--quiet", "--out", str(out)])
+  result = step_time.main(
+    [
+      "--models",
+      "digits",
+      "--digits-width",
+      "4",
+      "--digits-batch",
+      "16",
+      "--variants",
+      "plain,l1_hvp,l1_fd",
+      "--repeats",
+      "1",
+      "--steps",
+      "1",
+      "--warmup",
+      "0",
+      "--quiet",
+      "--out",
+      str(out),
+    ]
+  )
   stored = json.loads(out.read_text())
   assert stored["models"][0]["model"] == "digits"
   rows = result["models"][0]["variants"]
@@ -51,25 +67,32 @@ def test_both_hvp_forms_the_benchmark_compares_take_the_same_step():
   model = train.create_model(setup["config"], 10)
   params, stats = train.init_variables(model, (8, 8, 1), 0)
   rs = np.random.RandomState(0)
-  batch = {"image": rs.randn(16, 8, 8, 1).astype(np.float32),
-           "label": rs.randint(0, 10, 16).astype(np.int32)}
+  batch = {
+    "image": rs.randn(16, 8, 8, 1).astype(np.float32),
+    "label": rs.randint(0, 10, 16).astype(np.int32),
+  }
   lr = lambda step: 0.01
   new_params = {}
   for variant in ("l1_hvp", "l1_hvp_jvp"):
     config, regularized, impl = step_time.variant_config(
-        setup["config"], variant, "4:4")
+      setup["config"], variant, "4:4"
+    )
     tx = train.create_optimizer(config, lr)
-    state = train.TrainState(step=np.int32(0), params=params,
-                             batch_stats=stats, opt_state=tx.init(params))
-    step = train.make_train_step(model, config, tx, lr, regularized=regularized)
-    previous = penalty._HVP_IMPL  # pylint: disable=protected-access
-    penalty._HVP_IMPL = impl  # pylint: disable=protected-access
-    try:
-      state, _ = jax.jit(step)(state, batch, jax.random.key(0))
-    finally:
-      penalty._HVP_IMPL = previous  # pylint: disable=protected-access
+    state = train.TrainState(
+      step=np.int32(0),
+      params=params,
+      batch_stats=stats,
+      opt_state=tx.init(params),
+    )
+    step = step_time.make_train_step(
+      model, config, tx, lr, regularized=regularized, hvp_impl=impl
+    )
+    state, _ = jax.jit(step)(state, batch, jax.random.key(0))
     new_params[variant] = state.params
-  for a, b in zip(jax.tree.leaves(new_params["l1_hvp"]),
-                  jax.tree.leaves(new_params["l1_hvp_jvp"])):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
-                               atol=1e-6)
+  for a, b in zip(
+    jax.tree.leaves(new_params["l1_hvp"]),
+    jax.tree.leaves(new_params["l1_hvp_jvp"]),
+  ):
+    np.testing.assert_allclose(
+      np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6
+    )

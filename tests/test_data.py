@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 
+import chex
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -24,11 +25,7 @@ def take(iterator, n: int) -> list[dict[str, np.ndarray]]:
 
 
 def assert_batches_equal(a, b) -> None:
-  assert len(a) == len(b)
-  for x, y in zip(a, b):
-    assert x.keys() == y.keys()
-    for k in x:
-      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+  chex.assert_trees_all_equal(a, b)  # same count, keys, shapes and values
 
 
 def concat_shards(shards) -> dict[str, np.ndarray]:
@@ -89,7 +86,9 @@ def test_digits_eval_covers_every_example_once(digits_arrays):
 
 
 def test_digits_eval_max_examples_and_train_split(digits_arrays):
-  batches = list(data.eval_batches("digits", global_batch_size=32, max_examples=50))
+  batches = list(
+    data.eval_batches("digits", global_batch_size=32, max_examples=50)
+  )
   assert [int(b["mask"].sum()) for b in batches] == [32, 18]
   train = list(data.eval_batches("digits", "train", global_batch_size=500))
   assert sum(int(b["mask"].sum()) for b in train) == 1437
@@ -98,8 +97,12 @@ def test_digits_eval_max_examples_and_train_split(digits_arrays):
 def test_digits_epochs_are_permutations(digits_arrays):
   x_train, _ = digits_arrays["train"]
   index = row_index(x_train)
-  spe = data.steps_per_epoch("digits", 100)  # 14; 37 examples dropped each epoch
-  batches = take(data.train_batches("digits", global_batch_size=100, seed=3), 2 * spe)
+  spe = data.steps_per_epoch(
+    "digits", 100
+  )  # 14; 37 examples dropped each epoch
+  batches = take(
+    data.train_batches("digits", global_batch_size=100, seed=3), 2 * spe
+  )
   epochs = []
   for e in range(2):
     epoch_batches = batches[e * spe : (e + 1) * spe]
@@ -123,10 +126,10 @@ def test_digits_resume_from_start_step(start_step):
   # 1437 // 256 = 5 steps per epoch: 5 and 9 resume at/after an epoch boundary.
   full = take(data.train_batches("digits", global_batch_size=256, seed=1), 12)
   resumed = take(
-      data.train_batches(
-          "digits", global_batch_size=256, seed=1, start_step=start_step
-      ),
-      12 - start_step,
+    data.train_batches(
+      "digits", global_batch_size=256, seed=1, start_step=start_step
+    ),
+    12 - start_step,
   )
   assert_batches_equal(resumed, full[start_step:])
 
@@ -135,8 +138,10 @@ def test_digits_process_shards_make_the_global_batch():
   kw = dict(global_batch_size=64, seed=2, start_step=20)  # crosses epoch 0 -> 1
   whole = take(data.train_batches("digits", **kw), 4)
   shards = [
-      take(data.train_batches("digits", process_index=p, process_count=2, **kw), 4)
-      for p in range(2)
+    take(
+      data.train_batches("digits", process_index=p, process_count=2, **kw), 4
+    )
+    for p in range(2)
   ]
   for s in shards:
     assert s[0]["image"].shape == (32, 8, 8, 1)
@@ -144,15 +149,17 @@ def test_digits_process_shards_make_the_global_batch():
 
   whole_eval = list(data.eval_batches("digits", global_batch_size=64))
   eval_shards = [
-      list(
-          data.eval_batches(
-              "digits", global_batch_size=64, process_index=p, process_count=2
-          )
+    list(
+      data.eval_batches(
+        "digits", global_batch_size=64, process_index=p, process_count=2
       )
-      for p in range(2)
+    )
+    for p in range(2)
   ]
   assert len(eval_shards[0]) == len(eval_shards[1]) == len(whole_eval)
-  assert_batches_equal([concat_shards(pair) for pair in zip(*eval_shards)], whole_eval)
+  assert_batches_equal(
+    [concat_shards(pair) for pair in zip(*eval_shards)], whole_eval
+  )
 
 
 def test_worker_processes_do_not_change_the_batches():
@@ -185,8 +192,8 @@ def test_cifar_augmentation_is_a_padded_crop_maybe_flipped():
   image = rng.integers(1, 256, (32, 32, 3), dtype=np.uint8)
   padded = np.pad(image, ((4, 4), (4, 4), (0, 0)))
   windows = set()
-  for t, l in itertools.product(range(9), repeat=2):
-    window = padded[t : t + 32, l : l + 32]
+  for top, left in itertools.product(range(9), repeat=2):
+    window = padded[top : top + 32, left : left + 32]
     windows |= {window.tobytes(), window[:, ::-1].tobytes()}
   outs = [data._pad_crop_flip(image, rng) for _ in range(50)]  # pylint: disable=protected-access
   assert all(o.shape == (32, 32, 3) and o.tobytes() in windows for o in outs)
@@ -195,7 +202,13 @@ def test_cifar_augmentation_is_a_padded_crop_maybe_flipped():
 
 def test_inception_crop_box_stays_inside_the_image():
   rng = np.random.default_rng(0)
-  for height, width in [(375, 500), (500, 375), (7, 11), (10, 1000), (1000, 10)]:
+  for height, width in [
+    (375, 500),
+    (500, 375),
+    (7, 11),
+    (10, 1000),
+    (1000, 10),
+  ]:
     for _ in range(200):
       top, left, h, w = data._inception_crop_box(height, width, rng)  # pylint: disable=protected-access
       assert 0 < h and 0 < w and top >= 0 and left >= 0
@@ -212,32 +225,40 @@ def mock_tfds():
   # USE_CODE: no metadata files needed; every split serves the same
   # MOCK_EXAMPLES deterministic random examples.
   with tfds.testing.mock_data(
-      num_examples=MOCK_EXAMPLES, policy=tfds.testing.MockPolicy.USE_CODE
+    num_examples=MOCK_EXAMPLES, policy=tfds.testing.MockPolicy.USE_CODE
   ):
     yield
 
 
 @pytest.mark.parametrize(
-    "name, shape, classes",
-    [("cifar10", (32, 32, 3), 10), ("imagenet2012", (224, 224, 3), 1000)],
+  "name, shape, classes",
+  [("cifar10", (32, 32, 3), 10), ("imagenet2012", (224, 224, 3), 1000)],
 )
 def test_tfds_pipelines(mock_tfds, name, shape, classes):
   del mock_tfds
   info = data.get_info(name)
-  assert info == data.DatasetInfo(name, shape, classes, MOCK_EXAMPLES, MOCK_EXAMPLES)
+  assert info == data.DatasetInfo(
+    name, shape, classes, MOCK_EXAMPLES, MOCK_EXAMPLES
+  )
 
   # One step per epoch, so consecutive steps hold the same 20 examples,
   # reshuffled and re-augmented.
-  train = take(data.train_batches(name, global_batch_size=MOCK_EXAMPLES, seed=0), 2)
+  train = take(
+    data.train_batches(name, global_batch_size=MOCK_EXAMPLES, seed=0), 2
+  )
   for b in train:
     assert b["image"].shape == (MOCK_EXAMPLES, *shape)
     assert b["image"].dtype == np.float32 and np.isfinite(b["image"]).all()
     assert b["label"].dtype == np.int32
     assert ((b["label"] >= 0) & (b["label"] < classes)).all()
-  np.testing.assert_array_equal(np.sort(train[0]["label"]), np.sort(train[1]["label"]))
+  np.testing.assert_array_equal(
+    np.sort(train[0]["label"]), np.sort(train[1]["label"])
+  )
   seen = {img.tobytes() for img in train[0]["image"]}
   changed = sum(img.tobytes() not in seen for img in train[1]["image"])
-  assert changed >= MOCK_EXAMPLES // 2, "augmentation should differ between epochs"
+  assert changed >= MOCK_EXAMPLES // 2, (
+    "augmentation should differ between epochs"
+  )
 
   evals = list(data.eval_batches(name, global_batch_size=8))
   assert [int(b["mask"].sum()) for b in evals] == [8, 8, 4]
@@ -245,7 +266,9 @@ def test_tfds_pipelines(mock_tfds, name, shape, classes):
   assert last["image"].shape == (8, *shape) and last["mask"].dtype == np.bool_
   assert not last["image"][4:].any()  # Padding is zeros, masked out.
   # Evaluation is deterministic: the same pass twice gives the same batches.
-  assert_batches_equal(evals, list(data.eval_batches(name, global_batch_size=8)))
+  assert_batches_equal(
+    evals, list(data.eval_batches(name, global_batch_size=8))
+  )
   # Sanity of the normalisation on random uint8 pixels: roughly centred.
   assert abs(float(evals[0]["image"].mean())) < 1.0
 
@@ -253,9 +276,9 @@ def test_tfds_pipelines(mock_tfds, name, shape, classes):
 def test_imagenet_test_means_validation(mock_tfds):
   del mock_tfds
   batches = list(
-      data.eval_batches(
-          "imagenet2012", "test", global_batch_size=16, max_examples=5
-      )
+    data.eval_batches(
+      "imagenet2012", "test", global_batch_size=16, max_examples=5
+    )
   )
   assert len(batches) == 1 and int(batches[0]["mask"].sum()) == 5
 
@@ -267,8 +290,10 @@ def test_tfds_resume_and_sharding(mock_tfds):
   resumed = take(data.train_batches("cifar10", start_step=3, **kw), 2)
   assert_batches_equal(resumed, full[3:])
   shards = [
-      take(data.train_batches("cifar10", process_index=p, process_count=2, **kw), 5)
-      for p in range(2)
+    take(
+      data.train_batches("cifar10", process_index=p, process_count=2, **kw), 5
+    )
+    for p in range(2)
   ]
   assert_batches_equal([concat_shards(pair) for pair in zip(*shards)], full)
 
@@ -282,10 +307,14 @@ def test_missing_data_says_how_to_prepare(tmp_path, name):
     data.get_info(name, data_dir=str(tmp_path))
   assert isinstance(err.value, FileNotFoundError)
   msg = str(err.value)
-  assert f"tfds build {name} --file_format=array_record --data_dir={tmp_path}" in msg
+  assert (
+    f"tfds build {name} --file_format=array_record --data_dir={tmp_path}" in msg
+  )
   assert "pip install tensorflow" in msg
   if name == "imagenet2012":
     assert f"{tmp_path}/downloads/manual" in msg
     assert "ILSVRC2012_img_train.tar" in msg
   with pytest.raises(data.DatasetNotFoundError):
-    data.train_batches(name, global_batch_size=8, seed=0, data_dir=str(tmp_path))
+    data.train_batches(
+      name, global_batch_size=8, seed=0, data_dir=str(tmp_path)
+    )

@@ -1,26 +1,24 @@
 """Integer export: packing, and the loaded model reproducing the fake-quantized logits."""
 
-import importlib.util
 import json
 import os
 import re
 import shlex
-import sys
 
+from conftest import ROOT
+from conftest import run_main
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from absl import flags
-from absl import logging
 
 from l1grad import data
 from l1grad import errors
 from l1grad import export
 from l1grad import models
 from l1grad import ptq
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from l1grad import ranges as ranges_lib
+from l1grad import runs as runs_lib
 
 
 @pytest.mark.parametrize("size", [0, 1, 7, 64])
@@ -35,41 +33,62 @@ def test_int4_packing_round_trip(size):
 
 def _model_and_variables(name, **kwargs):
   model = models.get_model(name, num_classes=5, **kwargs)
-  images = jax.random.normal(jax.random.key(0), (6, 8, 8, 1 if name == "digits_cnn" else 3))
+  images = jax.random.normal(
+    jax.random.key(0), (6, 8, 8, 1 if name == "digits_cnn" else 3)
+  )
   variables = model.init(jax.random.key(1), images, train=False)
   rng = np.random.default_rng(0)
   # Non-trivial batch norm (as after training), so folding changes the kernels.
   variables = {
-      "params": variables["params"],
-      "batch_stats": jax.tree.map(
-          lambda x: rng.uniform(0.5, 1.5, x.shape).astype(np.float32), variables["batch_stats"]),
+    "params": variables["params"],
+    "batch_stats": jax.tree.map(
+      lambda x: rng.uniform(0.5, 1.5, x.shape).astype(np.float32),
+      variables["batch_stats"],
+    ),
   }
   return model, variables, images
 
 
 @pytest.mark.parametrize(
-    "name, kwargs, w_bits, a_bits, per_channel, storage",
-    [
-        ("digits_cnn", {"width": 4}, 4, 4, False, "int4x2"),
-        ("tiny_resnet", {"num_filters": 4}, 6, 8, True, "int8"),
-    ],
+  "name, kwargs, w_bits, a_bits, per_channel, storage",
+  [
+    ("digits_cnn", {"width": 4}, 4, 4, False, "int4x2"),
+    ("tiny_resnet", {"num_filters": 4}, 6, 8, True, "int8"),
+  ],
 )
 def test_exported_model_reproduces_fake_quantized_logits(
-    tmp_path, name, kwargs, w_bits, a_bits, per_channel, storage):
+  tmp_path, name, kwargs, w_bits, a_bits, per_channel, storage
+):
   model, variables, images = _model_and_variables(name, **kwargs)
-  folded = ptq.prepare_variables(model, variables, images)
-  ranges = ptq.bn_activation_ranges(model, variables, images)
+  folded = runs_lib.prepare_variables(model, variables, images)
+  ranges = ranges_lib.bn_activation_ranges(model, variables, images)
   out = str(tmp_path / "exported")
   info = export.export_model(
-      out, model_name=name, num_classes=5, model_kwargs=kwargs, variables=folded,
-      ranges=ranges, w_bits=w_bits, a_bits=a_bits, per_channel=per_channel,
-      metadata={"step": 3}, check_images=images)
+    out,
+    model_name=name,
+    num_classes=5,
+    model_kwargs=kwargs,
+    variables=folded,
+    ranges=ranges,
+    w_bits=w_bits,
+    a_bits=a_bits,
+    per_channel=per_channel,
+    metadata={"step": 3},
+    check_images=images,
+  )
   assert info.max_abs_diff == 0.0
-  assert info.bytes == sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
+  assert info.bytes == sum(
+    os.path.getsize(os.path.join(out, f)) for f in os.listdir(out)
+  )
 
   loaded = export.load_exported(out)
   want = ptq.Evaluator(model, per_channel=per_channel).quantized_logits(
-      folded, ptq.range_tree(ranges), jnp.int32(w_bits), jnp.int32(a_bits), images)
+    folded,
+    ranges_lib.range_tree(ranges),
+    jnp.int32(w_bits),
+    jnp.int32(a_bits),
+    images,
+  )
   np.testing.assert_array_equal(np.asarray(loaded(images)), np.asarray(want))
 
   manifest = json.load(open(os.path.join(out, export.MANIFEST)))
@@ -85,26 +104,52 @@ def test_exported_model_reproduces_fake_quantized_logits(
       size = int(np.prod(spec["shape"]))
       assert stored.nbytes == ((size + 1) // 2 if storage == "int4x2" else size)
       codes = loaded.codes[kernel]
-      assert np.abs(codes).max() == hi  # the largest weight sits on the grid's edge
+      assert (
+        np.abs(codes).max() == hi
+      )  # the largest weight sits on the grid's edge
       scale = npz[f"scales/{kernel}"]
-      assert scale.shape == ((1,) * (len(spec["shape"]) - 1) + (spec["shape"][-1],)
-                             if per_channel else ())
-    assert not any(k.startswith("params/") and k.endswith("kernel") for k in npz.files)
+      assert scale.shape == (
+        (1,) * (len(spec["shape"]) - 1) + (spec["shape"][-1],)
+        if per_channel
+        else ()
+      )
+    assert not any(
+      k.startswith("params/") and k.endswith("kernel") for k in npz.files
+    )
 
 
-@pytest.mark.parametrize("w_bits, storage", [(3, "int4x2"), (8, "int8"), (12, "int16")])
-def test_dequantized_kernels_are_the_fake_quantized_kernels(tmp_path, w_bits, storage):
+@pytest.mark.parametrize(
+  "w_bits, storage", [(3, "int4x2"), (8, "int8"), (12, "int16")]
+)
+def test_dequantized_kernels_are_the_fake_quantized_kernels(
+  tmp_path, w_bits, storage
+):
   model, variables, images = _model_and_variables("digits_cnn", width=4)
-  folded = ptq.prepare_variables(model, variables, images)
+  folded = runs_lib.prepare_variables(model, variables, images)
   out = str(tmp_path / "exported")
-  export.export_model(out, model_name="digits_cnn", num_classes=5, model_kwargs={"width": 4},
-                      variables=folded, ranges={}, w_bits=w_bits, a_bits=8)
+  export.export_model(
+    out,
+    model_name="digits_cnn",
+    num_classes=5,
+    model_kwargs={"width": 4},
+    variables=folded,
+    ranges={},
+    w_bits=w_bits,
+    a_bits=8,
+  )
   loaded = export.load_exported(out)
-  assert {s["storage"] for s in loaded.manifest["kernels"].values()} == {storage}
+  assert {s["storage"] for s in loaded.manifest["kernels"].values()} == {
+    storage
+  }
   want = ptq.quantize_params(folded.params, w_bits)
-  jax.tree.map(np.testing.assert_array_equal, loaded.variables.params,
-               jax.tree.map(np.asarray, want))
-  jax.tree.map(np.testing.assert_array_equal, loaded.variables.biases, folded.biases)
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    loaded.variables.params,
+    jax.tree.map(np.asarray, want),
+  )
+  jax.tree.map(
+    np.testing.assert_array_equal, loaded.variables.biases, folded.biases
+  )
 
 
 def test_load_exported_rejects_a_directory_that_is_not_an_export(tmp_path):
@@ -120,10 +165,17 @@ def test_load_exported_rejects_a_directory_that_is_not_an_export(tmp_path):
 def _digits_export(tmp_path, preprocessing):
   model, variables, images = _model_and_variables("digits_cnn", width=4)
   out = str(tmp_path / "exported")
-  export.export_model(out, model_name="digits_cnn", num_classes=5, model_kwargs={"width": 4},
-                      variables=ptq.prepare_variables(model, variables, images),
-                      ranges=ptq.bn_activation_ranges(model, variables, images),
-                      w_bits=8, a_bits=8, preprocessing=preprocessing)
+  export.export_model(
+    out,
+    model_name="digits_cnn",
+    num_classes=5,
+    model_kwargs={"width": 4},
+    variables=runs_lib.prepare_variables(model, variables, images),
+    ranges=ranges_lib.bn_activation_ranges(model, variables, images),
+    w_bits=8,
+    a_bits=8,
+    preprocessing=preprocessing,
+  )
   return out
 
 
@@ -141,9 +193,12 @@ def test_raw_digits_are_normalised_bit_for_bit_as_in_training(tmp_path):
   assert raw.shape == (360, 8, 8) and raw.max() == 16
   # Exactly the pipeline's model input, from [N, 8, 8] or [N, 8, 8, 1].
   np.testing.assert_array_equal(loaded.normalize(raw), test_images)
-  np.testing.assert_array_equal(loaded.normalize(raw[..., None].astype(np.uint8)), test_images)
-  np.testing.assert_array_equal(np.asarray(loaded(raw)),
-                                np.asarray(loaded(test_images, normalized=True)))
+  np.testing.assert_array_equal(
+    loaded.normalize(raw[..., None].astype(np.uint8)), test_images
+  )
+  np.testing.assert_array_equal(
+    np.asarray(loaded(raw)), np.asarray(loaded(test_images, normalized=True))
+  )
   with pytest.raises(errors.UserError, match="normalized=True"):
     loaded(test_images)  # already normalised (negative values), not raw
   with pytest.raises(errors.UserError, match=r"\[N, 8, 8, 1\]"):
@@ -154,14 +209,28 @@ def test_raw_digits_are_normalised_bit_for_bit_as_in_training(tmp_path):
 def test_uint8_normalisation_is_the_pipelines(name, size):
   # pylint: disable=protected-access
   spec = export._preprocessing_json(data.input_normalization(name))
-  model = export.ExportedModel(None, {"activation_ranges": {}, "w_bits": 8, "a_bits": 8,
-                                      "preprocessing": spec}, {}, {}, {})
-  raw = np.random.default_rng(0).integers(0, 256, (2, size, size, 3)).astype(np.uint8)
-  mean, std = ((data._CIFAR10_MEAN, data._CIFAR10_STD) if name == "cifar10"
-               else (data._IMAGENET_MEAN, data._IMAGENET_STD))
+  model = export.ExportedModel(
+    None,
+    {"activation_ranges": {}, "w_bits": 8, "a_bits": 8, "preprocessing": spec},
+    {},
+    {},
+    {},
+  )
+  raw = (
+    np.random.default_rng(0)
+    .integers(0, 256, (2, size, size, 3))
+    .astype(np.uint8)
+  )
+  mean, std = (
+    (data._CIFAR10_MEAN, data._CIFAR10_STD)
+    if name == "cifar10"
+    else (data._IMAGENET_MEAN, data._IMAGENET_STD)
+  )
   want = np.stack([data._normalize(x, mean, std) for x in raw])
   np.testing.assert_array_equal(model.normalize(raw), want)
-  if name == "cifar10":  # its evaluation preprocessing is the normalisation alone
+  if (
+    name == "cifar10"
+  ):  # its evaluation preprocessing is the normalisation alone
     np.testing.assert_array_equal(want[0], data._PREPROCESS[name](raw[0], None))
 
 
@@ -171,8 +240,9 @@ def test_exports_without_recorded_preprocessing(tmp_path):
   loaded = export.load_exported(out)
   assert loaded.manifest["preprocessing"] is None
   images = np.random.default_rng(0).normal(size=(3, 8, 8, 1)).astype(np.float32)
-  np.testing.assert_array_equal(np.asarray(loaded(images)),
-                                np.asarray(loaded(images, normalized=True)))
+  np.testing.assert_array_equal(
+    np.asarray(loaded(images)), np.asarray(loaded(images, normalized=True))
+  )
 
   # An export from before the field existed: only normalized=True input.
   manifest_path = os.path.join(out, export.MANIFEST)
@@ -181,8 +251,9 @@ def test_exports_without_recorded_preprocessing(tmp_path):
   manifest["source"] = {"workdir": "/runs/digits", "step": 4}
   json.dump(manifest, open(manifest_path, "w"))
   old = export.load_exported(out)
-  np.testing.assert_array_equal(np.asarray(old(images, normalized=True)),
-                                np.asarray(loaded(images)))
+  np.testing.assert_array_equal(
+    np.asarray(old(images, normalized=True)), np.asarray(loaded(images))
+  )
   with pytest.raises(errors.UserError) as e:
     old(images)
   assert "normalized=True" in str(e.value)
@@ -196,8 +267,8 @@ def test_exports_without_recorded_preprocessing(tmp_path):
 
 def _readme_export_blocks():
   text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-  section = text[text.index("**Export on demand.**"):]
-  section = section[:section.index("\n#")]  # up to the next heading
+  section = text[text.index("**Export on demand.**") :]
+  section = section[: section.index("\n#")]  # up to the next heading
   blocks = re.findall(r"```(\w+)\n(.*?)```", section, re.S)
   (command,) = [code for lang, code in blocks if lang == "bash"]
   (example,) = [code for lang, code in blocks if lang == "python"]
@@ -205,24 +276,13 @@ def _readme_export_blocks():
 
 
 def _eval_ptq_main(*argv):
-  spec = importlib.util.spec_from_file_location("eval_ptq", os.path.join(ROOT, "eval_ptq.py"))
-  if "eval_ptq" not in sys.modules:
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["eval_ptq"] = module
-    spec.loader.exec_module(module)
-  verbosity = logging.get_verbosity()
-  flags.FLAGS.unparse_flags()
-  flags.FLAGS(["eval_ptq.py", *argv])
-  try:
-    sys.modules["eval_ptq"].main(["eval_ptq.py"])
-  finally:
-    flags.FLAGS.unparse_flags()
-    logging.set_verbosity(verbosity)
+  run_main("eval_ptq.py", *argv)
 
 
 def test_readme_export_example_runs_as_written(tmp_path, monkeypatch, capsys):
-  from l1grad import train  # pylint: disable=g-import-not-at-top
   from tiny_configs import tiny_digits  # pylint: disable=g-import-not-at-top
+
+  from l1grad import train  # pylint: disable=g-import-not-at-top
 
   command, example = _readme_export_blocks()
   argv = shlex.split(command)
@@ -243,17 +303,24 @@ def test_readme_export_example_runs_as_written(tmp_path, monkeypatch, capsys):
   # The same number as the exported model on the pipeline's own input, and
   # close to the float model's accuracy on it.
   loaded = export.load_exported(argv[argv.index("--export_dir") + 1])
-  prepared = ptq.prepare_run(workdir, ptq.Settings())
+  prepared = runs_lib.prepare_run(workdir, ptq.Settings())
   correct_q = correct_f = 0
   for split in ("train", "test"):
     batch = next(data.eval_batches("digits", split, global_batch_size=2000))
     mask = batch["mask"]
     labels = batch["label"][mask]
     q = np.argmax(loaded(batch["image"], normalized=True), -1)[mask]
-    f = np.argmax(ptq.apply_model(prepared.model, prepared.variables, batch["image"]), -1)[mask]
+    f = np.argmax(
+      ranges_lib.apply_model(
+        prepared.model, prepared.variables, batch["image"]
+      ),
+      -1,
+    )[mask]
     correct_q += int((q == labels).sum())
     correct_f += int((f == labels).sum())
-  assert abs(accuracy - 100 * correct_q / 1797) < 0.006  # printed with 2 decimals
+  assert (
+    abs(accuracy - 100 * correct_q / 1797) < 0.006
+  )  # printed with 2 decimals
   float_accuracy = 100 * correct_f / 1797
   assert float_accuracy > 80, float_accuracy
   assert abs(accuracy - float_accuracy) < 6, (accuracy, float_accuracy)

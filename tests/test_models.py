@@ -10,22 +10,25 @@ import dataclasses
 import math
 from typing import Any
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from l1grad import models
+from l1grad import params as params_lib
 
 # name -> (overrides giving a tiny network, input shape without batch).
 TINY = {
-    "digits_cnn": (dict(width=4), (8, 8, 1)),
-    "vgg_like": (dict(width_multiplier=1 / 32), (8, 8, 3)),
-    "resnet18_cifar": (dict(num_filters=2), (8, 8, 3)),
-    "resnet18_imagenet": (dict(num_filters=2), (32, 32, 3)),
-    "tiny_resnet": ({}, (8, 8, 3)),
-    "tiny_vgg": ({}, (8, 8, 3)),
+  "digits_cnn": (dict(width=4), (8, 8, 1)),
+  "vgg_like": (dict(width_multiplier=1 / 32), (8, 8, 3)),
+  "resnet18_cifar": (dict(num_filters=2), (8, 8, 3)),
+  "resnet18_imagenet": (dict(num_filters=2), (32, 32, 3)),
+  "tiny_resnet": ({}, (8, 8, 3)),
+  "tiny_vgg": ({}, (8, 8, 3)),
 }
 NUM_CLASSES = 5
 BATCH = 2
@@ -36,12 +39,12 @@ def _count(tree: Any) -> int:
 
 
 def _abstract_init(
-    model: nn.Module, shape: tuple[int, ...]
+  model: nn.Module, shape: tuple[int, ...]
 ) -> tuple[Any, jax.ShapeDtypeStruct]:
   """Shapes of the variables and of a batch, with nothing computed."""
   x = jax.ShapeDtypeStruct((BATCH, *shape), jnp.float32)
   variables = jax.eval_shape(
-      lambda x: model.init(jax.random.key(0), x, train=False), x
+    lambda x: model.init(jax.random.key(0), x, train=False), x
   )
   return variables, x
 
@@ -58,7 +61,7 @@ class _Call:
 
 
 def _record_calls(
-    model: nn.Module, variables: Any, x: Any, *, train: bool
+  model: nn.Module, variables: Any, x: Any, *, train: bool
 ) -> list[_Call]:
   """Traces the model (no compute) and records every submodule __call__.
 
@@ -82,15 +85,6 @@ def _record_calls(
 
   jax.eval_shape(apply, variables, x)
   return calls
-
-
-def _kernel_paths(params: Any) -> list[tuple[str, ...]]:
-  paths = []
-  for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
-    keys = tuple(p.key for p in path)
-    if keys[-1] == "kernel":
-      paths.append(keys[:-1])
-  return paths
 
 
 # ----------------------------------------------------------------- sizes ----
@@ -163,7 +157,7 @@ def test_forward_shapes_dtypes_and_batch_stats(name):
   def run(x):
     variables = model.init(jax.random.key(0), x, train=False)
     train_logits, updates = model.apply(
-        variables, x, train=True, mutable=["batch_stats"]
+      variables, x, train=True, mutable=["batch_stats"]
     )
     eval_batch = model.apply(variables, x, train=False)
     eval_first = model.apply(variables, x[:1], train=False)
@@ -180,13 +174,13 @@ def test_forward_shapes_dtypes_and_batch_stats(name):
 
   assert set(updates) == {"batch_stats"}
   assert jax.tree.structure(updates["batch_stats"]) == jax.tree.structure(
-      variables["batch_stats"]
+    variables["batch_stats"]
   )
   # Every running statistic moved towards the batch's (random inputs).
   changed = jax.tree.map(
-      lambda new, old: bool(jnp.any(new != old)),
-      updates["batch_stats"],
-      variables["batch_stats"],
+    lambda new, old: bool(jnp.any(new != old)),
+    updates["batch_stats"],
+    variables["batch_stats"],
   )
   assert all(jax.tree.leaves(changed))
 
@@ -196,31 +190,24 @@ def test_forward_shapes_dtypes_and_batch_stats(name):
   assert not np.allclose(train_logits, eval_batch)
 
 
-def test_train_without_mutable_batch_stats_fails():
-  model = models.get_model("tiny_resnet", num_classes=NUM_CLASSES)
-  variables, x = _abstract_init(model, TINY["tiny_resnet"][1])
-  with pytest.raises(Exception, match="batch_stats"):
-    jax.eval_shape(lambda v, x: model.apply(v, x, train=True), variables, x)
-
-
 @pytest.mark.parametrize("name", models.MODEL_NAMES)
 def test_bfloat16_compute_keeps_float32_params_and_logits(name):
   overrides, shape = TINY[name]
   model = models.get_model(
-      name, num_classes=NUM_CLASSES, dtype=jnp.bfloat16, **overrides
+    name, num_classes=NUM_CLASSES, dtype=jnp.bfloat16, **overrides
   )
   variables, x = _abstract_init(model, shape)
   for leaf in jax.tree.leaves(variables):
     assert leaf.dtype == jnp.float32
   calls = _record_calls(model, variables, x, train=True)
   layer_dtypes = {
-      c.outputs.dtype
-      for c in calls
-      if isinstance(c.module, (nn.Conv, nn.Dense, nn.BatchNorm))
+    c.outputs.dtype
+    for c in calls
+    if isinstance(c.module, (nn.Conv, nn.Dense, nn.BatchNorm))
   }
   assert layer_dtypes == {jnp.dtype(jnp.bfloat16)}
   logits = jax.eval_shape(
-      lambda v, x: model.apply(v, x, train=False), variables, x
+    lambda v, x: model.apply(v, x, train=False), variables, x
   )
   assert logits.dtype == jnp.float32
 
@@ -230,7 +217,7 @@ def test_imagenet_stem_on_tiny_resnet():
   variables, x = _abstract_init(model, (16, 16, 3))
   assert variables["params"]["conv_init"]["kernel"].shape == (7, 7, 3, 8)
   logits = jax.eval_shape(
-      lambda v, x: model.apply(v, x, train=False), variables, x
+    lambda v, x: model.apply(v, x, train=False), variables, x
   )
   assert logits.shape == (BATCH, 3)
 
@@ -251,16 +238,18 @@ def test_vgg_dropout_only_in_training():
 
     def train_logits(seed):
       logits, _ = model.apply(
-          variables,
-          x,
-          train=True,
-          mutable=["batch_stats"],
-          rngs={"dropout": jax.random.key(seed)},
+        variables,
+        x,
+        train=True,
+        mutable=["batch_stats"],
+        rngs={"dropout": jax.random.key(seed)},
       )
       return logits
 
-    return train_logits(0), train_logits(1), model.apply(
-        variables, x, train=False
+    return (
+      train_logits(0),
+      train_logits(1),
+      model.apply(variables, x, train=False),
     )
 
   train_0, train_1, _ = run(x)
@@ -270,11 +259,37 @@ def test_vgg_dropout_only_in_training():
   jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x)
 
 
-def test_tiny_models_share_the_real_code_path():
-  assert issubclass(models.TinyResNet, models.ResNet)
-  assert issubclass(models.ResNet18CIFAR, models.ResNet)
-  assert issubclass(models.ResNet18ImageNet, models.ResNet)
-  assert issubclass(models.TinyVGG, models.VGGLike)
+@pytest.mark.parametrize(
+  "variant, base, fields",
+  [
+    (
+      models.TinyResNet,
+      models.ResNet,
+      dict(stage_sizes=(1, 1), num_filters=8, stem="cifar"),
+    ),
+    (models.TinyVGG, models.VGGLike, dict(width_multiplier=1 / 32)),
+  ],
+  ids=["tiny_resnet", "tiny_vgg"],
+)
+def test_tiny_models_are_the_real_ones_with_other_defaults(
+  variant, base, fields
+):
+  # What the tests of the tiny models say about the real ones holds only if
+  # they run the same code: same variables and logits as the real class with
+  # the tiny sizes set explicitly.
+  x = jax.random.normal(jax.random.key(1), (BATCH, 8, 8, 3))
+
+  @jax.jit
+  def run(x):
+    out = []
+    for model in (variant(num_classes=3), base(num_classes=3, **fields)):
+      variables = model.init(jax.random.key(0), x, train=False)
+      out.append((variables, model.apply(variables, x, train=False)))
+    return out
+
+  (tiny_vars, tiny_logits), (base_vars, base_logits) = run(x)
+  chex.assert_trees_all_equal(tiny_vars, base_vars)
+  np.testing.assert_array_equal(tiny_logits, base_logits)
 
 
 # -------------------------------------------------------------- registry ----
@@ -292,18 +307,41 @@ def test_get_model_unknown_override_lists_fields():
     models.get_model("vgg_like", num_classes=10, widht=3)
 
 
+def test_from_config_builds_the_configured_model():
+  config = ml_collections.ConfigDict(
+    {
+      "model": "resnet18_cifar",
+      "model_kwargs": {"num_filters": 16},
+      "compute_dtype": "float32",
+    }
+  )
+  model = models.from_config(config, 100)
+  assert model == models.get_model(
+    "resnet18_cifar", num_classes=100, num_filters=16
+  )
+  config.compute_dtype = "bfloat16"
+  config.model_kwargs = None
+  model = models.from_config(config, num_classes=7)
+  assert model == models.get_model(
+    "resnet18_cifar", num_classes=7, dtype=jnp.bfloat16
+  )
+  config.model = "resnet50"
+  with pytest.raises(ValueError, match="resnet18_cifar"):
+    models.from_config(config, 7)
+
+
 def test_get_model_forwards_overrides():
   model = models.get_model("resnet18_cifar", num_classes=100, num_filters=16)
   assert isinstance(model, models.ResNet18CIFAR)
   assert model.num_classes == 100 and model.num_filters == 16
   assert model.stem == "cifar" and tuple(model.stage_sizes) == (2, 2, 2, 2)
   assert models.MODEL_NAMES == (
-      "digits_cnn",
-      "vgg_like",
-      "resnet18_cifar",
-      "resnet18_imagenet",
-      "tiny_resnet",
-      "tiny_vgg",
+    "digits_cnn",
+    "vgg_like",
+    "resnet18_cifar",
+    "resnet18_imagenet",
+    "tiny_resnet",
+    "tiny_vgg",
   )
 
 
@@ -316,16 +354,18 @@ def test_every_kernel_belongs_to_a_plain_conv_or_dense(name):
   model = models.get_model(name, num_classes=NUM_CLASSES, **overrides)
   variables, x = _abstract_init(model, shape)
   calls = _record_calls(model, variables, x, train=False)
-  layer_calls = [
-      c for c in calls if isinstance(c.module, (nn.Conv, nn.Dense))
-  ]
+  layer_calls = [c for c in calls if isinstance(c.module, (nn.Conv, nn.Dense))]
   # Exactly the two classes the interceptors look for: no subclasses, no
   # DenseGeneral or other kernel-holding module.
   for c in layer_calls:
     assert type(c.module) in (nn.Conv, nn.Dense), type(c.module)
-  kernels = _kernel_paths(variables["params"])
+  # And each layer's kernel goes by the layer's name, as its input's
+  # perturbation point does.
+  kernels, _ = params_lib.split_kernels(variables["params"])
   assert len(layer_calls) == len(kernels)
-  assert sorted(c.module.path for c in layer_calls) == sorted(kernels)
+  assert sorted(
+    params_lib.layer_name(c.module.path) for c in layer_calls
+  ) == sorted(kernels)
 
 
 @pytest.mark.parametrize("name", models.MODEL_NAMES)
@@ -336,9 +376,9 @@ def test_batch_norm_reads_a_bias_free_conv_or_dense_output(name, train):
   variables, x = _abstract_init(model, shape)
   calls = _record_calls(model, variables, x, train=train)
   producers = {
-      id(c.outputs): c.module
-      for c in calls
-      if isinstance(c.module, (nn.Conv, nn.Dense))
+    id(c.outputs): c.module
+    for c in calls
+    if isinstance(c.module, (nn.Conv, nn.Dense))
   }
   norms = [c for c in calls if isinstance(c.module, nn.BatchNorm)]
   assert norms

@@ -2,6 +2,7 @@
 
 from typing import Any
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -9,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 
+from l1grad import params as params_lib
 from l1grad import penalty
 from l1grad import perturb
 
@@ -72,7 +74,8 @@ def _conv_problem(act=jnp.tanh, batch=6):
 
   def loss_fn(p, x, y, eps=None):
     logits, updates = model.apply(
-        {"params": p, "batch_stats": stats}, x, eps, mutable=["batch_stats"])
+      {"params": p, "batch_stats": stats}, x, eps, mutable=["batch_stats"]
+    )
     return _xent(logits, y), updates["batch_stats"]
 
   return loss_fn, variables["params"], (x, y)
@@ -82,8 +85,11 @@ def _reference(loss_fn, params, args, *, ord, weight_coef, act_coef, has_aux):
   """Penalized loss and gradient from explicit eps arguments, reverse mode."""
   shapes = perturb.activation_shapes(lambda p: loss_fn(p, *args), params)
   eps0 = perturb.zero_perturbations(shapes)
-  norm = (lambda t: sum(jnp.abs(v).sum() for v in jax.tree.leaves(t))) if ord == 1 \
-      else (lambda t: jnp.sqrt(sum((v ** 2).sum() for v in jax.tree.leaves(t))))
+  norm = (
+    (lambda t: sum(jnp.abs(v).sum() for v in jax.tree.leaves(t)))
+    if ord == 1
+    else (lambda t: jnp.sqrt(sum((v**2).sum() for v in jax.tree.leaves(t))))
+  )
 
   def plain(p, e):
     out = loss_fn(p, *args, eps=e)
@@ -91,20 +97,10 @@ def _reference(loss_fn, params, args, *, ord, weight_coef, act_coef, has_aux):
 
   def total(p):
     g_p, g_e = jax.grad(plain, argnums=(0, 1))(p, eps0)
-    g_w = {path: g for path, g in _kernels(g_p).items()}
+    g_w, _ = params_lib.split_kernels(g_p)
     return plain(p, eps0) + weight_coef * norm(g_w) + act_coef * norm(g_e)
 
   return jax.jit(jax.value_and_grad(total))(params)
-
-
-def _kernels(tree):
-  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {jax.tree_util.keystr(p): v for p, v in flat if penalty.is_kernel_path(p)}
-
-
-def _assert_trees_close(a, b, rtol, atol):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
 
 
 COEFS = [(0.3, 0.0), (0.0, 0.5), (0.3, 0.5)]
@@ -118,30 +114,50 @@ def test_exact_methods_match_reference(problem, ord, coefs):
   has_aux = problem == "conv_bn"
   loss_fn, params, args = build()
   weight_coef, act_coef = coefs
-  ref_value, ref_grad = _reference(loss_fn, params, args, ord=ord,
-                                   weight_coef=weight_coef, act_coef=act_coef,
-                                   has_aux=has_aux)
+  ref_value, ref_grad = _reference(
+    loss_fn,
+    params,
+    args,
+    ord=ord,
+    weight_coef=weight_coef,
+    act_coef=act_coef,
+    has_aux=has_aux,
+  )
   for method in ("hvp", "reverse"):
-    fn = jax.jit(penalty.value_and_grad(
-        loss_fn, ord=ord, weight_coef=weight_coef, act_coef=act_coef,
-        method=method, has_aux=has_aux))
+    fn = jax.jit(
+      penalty.value_and_grad(
+        loss_fn,
+        ord=ord,
+        weight_coef=weight_coef,
+        act_coef=act_coef,
+        method=method,
+        has_aux=has_aux,
+      )
+    )
     value, grads = fn(params, *args)
     if has_aux:
       value, info = value
       assert set(info["aux"]) == {"BatchNorm_0", "BatchNorm_1"}
-      np.testing.assert_allclose(info["loss"] + info["penalty"], value, rtol=1e-6)
+      np.testing.assert_allclose(
+        info["loss"] + info["penalty"], value, rtol=1e-6
+      )
     np.testing.assert_allclose(value, ref_value, rtol=1e-5)
-    _assert_trees_close(grads, ref_grad, rtol=2e-4, atol=1e-6)
+    chex.assert_trees_all_close(grads, ref_grad, rtol=2e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("ord", [1, 2])
 def test_finite_difference_approximates_hvp(ord):
   loss_fn, params, args = _conv_problem()
   kw = dict(ord=ord, weight_coef=0.3, act_coef=0.5, has_aux=True)
-  _, exact = jax.jit(penalty.value_and_grad(loss_fn, method="hvp", **kw))(params, *args)
-  _, approx = jax.jit(penalty.value_and_grad(
-      loss_fn, method="finite_difference", **kw))(params, *args)
-  _, plain = jax.jit(penalty.value_and_grad(loss_fn, has_aux=True))(params, *args)
+  _, exact = jax.jit(penalty.value_and_grad(loss_fn, method="hvp", **kw))(
+    params, *args
+  )
+  _, approx = jax.jit(
+    penalty.value_and_grad(loss_fn, method="finite_difference", **kw)
+  )(params, *args)
+  _, plain = jax.jit(penalty.value_and_grad(loss_fn, has_aux=True))(
+    params, *args
+  )
   # Compare the penalty's part of the gradient, relative to its overall size.
   exact_pen = jax.tree.map(jnp.subtract, exact, plain)
   approx_pen = jax.tree.map(jnp.subtract, approx, plain)
@@ -149,14 +165,33 @@ def test_finite_difference_approximates_hvp(ord):
   assert err / penalty._l2(exact_pen) < 2e-2
 
 
+@pytest.mark.parametrize("ord", [1, 2])
+def test_hvp_impls_take_the_same_step(ord):
+  """``hvp_impl="jvp"`` computes the product ``"linearize"`` does."""
+  loss_fn, params, args = _conv_problem()
+  kw = dict(ord=ord, weight_coef=0.3, act_coef=0.5, has_aux=True)
+  out = {}
+  for impl in penalty.HVP_IMPLS:
+    (value, _), grads = jax.jit(
+      penalty.value_and_grad(loss_fn, hvp_impl=impl, **kw)
+    )(params, *args)
+    out[impl] = value, grads
+  np.testing.assert_allclose(out["jvp"][0], out["linearize"][0], rtol=1e-6)
+  chex.assert_trees_all_close(
+    out["jvp"][1], out["linearize"][1], rtol=1e-5, atol=1e-7
+  )
+
+
 def test_relu_network_methods_agree():
   """ReLU: the Hessian is piecewise, forward-over-reverse still exact."""
   loss_fn, params, args = _mlp_problem(act=nn.relu)
   kw = dict(weight_coef=0.2, act_coef=0.2)
-  ref_value, ref_grad = _reference(loss_fn, params, args, ord=1, has_aux=False, **kw)
+  ref_value, ref_grad = _reference(
+    loss_fn, params, args, ord=1, has_aux=False, **kw
+  )
   value, grads = penalty.value_and_grad(loss_fn, **kw)(params, *args)
   np.testing.assert_allclose(value, ref_value, rtol=1e-5)
-  _assert_trees_close(grads, ref_grad, rtol=2e-4, atol=1e-6)
+  chex.assert_trees_all_close(grads, ref_grad, rtol=2e-4, atol=1e-6)
 
 
 def test_no_penalty_is_plain_value_and_grad():
@@ -164,36 +199,48 @@ def test_no_penalty_is_plain_value_and_grad():
   value, grads = penalty.value_and_grad(loss_fn)(params, *args)
   ref_value, ref_grads = jax.value_and_grad(loss_fn)(params, *args)
   np.testing.assert_allclose(value, ref_value, rtol=1e-6)
-  _assert_trees_close(grads, ref_grads, rtol=1e-6, atol=1e-7)
+  chex.assert_trees_all_close(grads, ref_grads, rtol=1e-6, atol=1e-7)
 
 
 def test_reported_norms_match_direct_gradients():
   loss_fn, params, args = _mlp_problem()
   shapes = perturb.activation_shapes(lambda p: loss_fn(p, *args), params)
   g_p, g_e = jax.grad(lambda p, e: loss_fn(p, *args, eps=e), argnums=(0, 1))(
-      params, perturb.zero_perturbations(shapes))
-  fn = penalty.value_and_grad(lambda p, *a: (loss_fn(p, *a), None),
-                              weight_coef=0.1, has_aux=True)
+    params, perturb.zero_perturbations(shapes)
+  )
+  fn = penalty.value_and_grad(
+    lambda p, *a: (loss_fn(p, *a), None), weight_coef=0.1, has_aux=True
+  )
   (_, info), _ = fn(params, *args)
-  kern = _kernels(g_p)
+  kern, _ = params_lib.split_kernels(g_p)
   np.testing.assert_allclose(
-      info["weight_grad_l1"], sum(jnp.abs(v).sum() for v in kern.values()), rtol=1e-6)
+    info["weight_grad_l1"],
+    sum(jnp.abs(v).sum() for v in kern.values()),
+    rtol=1e-6,
+  )
   np.testing.assert_allclose(
-      info["act_grad_l1"], sum(jnp.abs(v).sum() for v in g_e.values()), rtol=1e-6)
-  np.testing.assert_allclose(info["weight_penalty"], 0.1 * info["weight_grad_l1"],
-                             rtol=1e-6)
+    info["act_grad_l1"], sum(jnp.abs(v).sum() for v in g_e.values()), rtol=1e-6
+  )
+  np.testing.assert_allclose(
+    info["weight_penalty"], 0.1 * info["weight_grad_l1"], rtol=1e-6
+  )
   assert float(info["act_penalty"]) == 0.0
 
 
 def test_activation_term_is_independent_of_batch_duplication():
   """‖∇_A L‖₁ is the mean per-example norm: duplicating the batch keeps it."""
   loss_fn, params, (x, y) = _mlp_problem(batch=5)
-  fn = penalty.value_and_grad(lambda p, *a: (loss_fn(p, *a), None),
-                              act_coef=1.0, has_aux=True)
+  fn = penalty.value_and_grad(
+    lambda p, *a: (loss_fn(p, *a), None), act_coef=1.0, has_aux=True
+  )
   (_, once), _ = fn(params, x, y)
   (_, twice), _ = fn(params, jnp.concatenate([x, x]), jnp.concatenate([y, y]))
-  np.testing.assert_allclose(twice["act_penalty"], once["act_penalty"], rtol=1e-5)
-  np.testing.assert_allclose(twice["act_grad_l1"], once["act_grad_l1"], rtol=1e-5)
+  np.testing.assert_allclose(
+    twice["act_penalty"], once["act_penalty"], rtol=1e-5
+  )
+  np.testing.assert_allclose(
+    twice["act_grad_l1"], once["act_grad_l1"], rtol=1e-5
+  )
   # And it is the mean over examples of the per-example activation ℓ1 norms.
   shapes = perturb.activation_shapes(lambda p: loss_fn(p, x[:1], y[:1]), params)
   eps = perturb.zero_perturbations(shapes)
@@ -212,7 +259,8 @@ def test_traced_coefficients_compile_once():
   @jax.jit
   def step(params, coef):
     return penalty.value_and_grad(loss_fn, weight_coef=coef, act_coef=coef)(
-        params, *args)
+      params, *args
+    )
 
   v1, _ = step(params, 0.1)
   v2, _ = step(params, 0.2)
@@ -225,3 +273,5 @@ def test_bad_arguments():
     penalty.value_and_grad(lambda p: 0.0, ord=3)
   with pytest.raises(ValueError, match="method"):
     penalty.value_and_grad(lambda p: 0.0, method="double_backward")
+  with pytest.raises(ValueError, match="hvp_impl"):
+    penalty.value_and_grad(lambda p: 0.0, hvp_impl="vjp")

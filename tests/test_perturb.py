@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from l1grad import params
 from l1grad import perturb
 
 
@@ -22,7 +23,6 @@ class Block(nn.Module):
 
 
 class Net(nn.Module):
-
   @nn.compact
   def __call__(self, x, train=True):
     x = nn.relu(nn.Conv(3, (3, 3))(x))
@@ -42,23 +42,37 @@ def _setup():
 
 
 def _apply_train(model, variables, x):
-  return model.apply(variables, x, train=True, mutable=["batch_stats"],
-                     rngs={"dropout": jax.random.key(2)})
+  return model.apply(
+    variables,
+    x,
+    train=True,
+    mutable=["batch_stats"],
+    rngs={"dropout": jax.random.key(2)},
+  )
 
 
 def test_points_skip_first_layer_share_inputs_and_count_repeats():
   model, variables, x = _setup()
-  shapes = perturb.activation_shapes(lambda v, x: _apply_train(model, v, x), variables, x)
+  shapes = perturb.activation_shapes(
+    lambda v, x: _apply_train(model, v, x), variables, x
+  )
   # Conv_0 reads the image; proj reads the same tensor as Block_0/Conv_0.
-  assert list(shapes) == ["Block_0/Conv_0", "Block_0/Conv_1", "shared",
-                          "shared#1", "Dense_0"]
+  assert list(shapes) == [
+    "Block_0/Conv_0",
+    "Block_0/Conv_1",
+    "shared",
+    "shared#1",
+    "Dense_0",
+  ]
   assert shapes["Block_0/Conv_0"].shape == (2, 5, 5, 3)
   assert shapes["shared"].shape == (2, 4)
 
 
 def test_zero_perturbation_is_identity_and_gradient_is_activation_gradient():
   model, variables, x = _setup()
-  shapes = perturb.activation_shapes(lambda v, x: _apply_train(model, v, x), variables, x)
+  shapes = perturb.activation_shapes(
+    lambda v, x: _apply_train(model, v, x), variables, x
+  )
   eps = perturb.zero_perturbations(shapes)
   plain, _ = _apply_train(model, variables, x)
 
@@ -74,7 +88,9 @@ def test_zero_perturbation_is_identity_and_gradient_is_activation_gradient():
   bump["Block_0/Conv_0"] = jnp.ones_like(eps["Block_0/Conv_0"])
   _, directional = jax.jvp(lambda e: out(e).sum(), (eps,), (bump,))
   grads = jax.grad(lambda e: out(e).sum())(eps)
-  np.testing.assert_allclose(directional, grads["Block_0/Conv_0"].sum(), rtol=1e-5)
+  np.testing.assert_allclose(
+    directional, grads["Block_0/Conv_0"].sum(), rtol=1e-5
+  )
 
 
 def test_missing_key_names_the_point():
@@ -96,42 +112,12 @@ def test_keys_restart_for_each_model_application():
   assert len(shapes) == 5
 
 
-def test_quantized_activations_land_on_the_grid():
-
-  class Probe(nn.Module):
-
-    @nn.compact
-    def __call__(self, x):
-      x = nn.relu(nn.Dense(8)(x))
-      return nn.Dense(3)(x)
-
-  model = Probe()
-  x = jax.random.normal(jax.random.key(0), (4, 3))
-  variables = model.init(jax.random.key(1), x)
-
-  captured = {}
-
-  def capture(key, v):
-    captured[key] = v
-    return v
-
-  ranges = {"Dense_1": (0.0, 2.0)}
-  with perturb.quantized_activations(3, ranges):
-    with perturb.transform_layer_inputs(capture):
-      model.apply(variables, x)
-  q = np.asarray(captured["Dense_1"]) / (2.0 / 7)
-  np.testing.assert_allclose(q, np.round(q), atol=1e-5)
-  assert q.min() >= 0 and q.max() <= 7
-
-
-def test_quantize_activation_signed_and_unsigned():
-  x = jnp.linspace(-1.0, 1.0, 11)
-  unsigned = perturb.quantize_activation(jnp.abs(x), 2, 0.0, 1.0)
-  np.testing.assert_allclose(unsigned * 3, np.round(np.asarray(unsigned) * 3), atol=1e-6)
-  signed = perturb.quantize_activation(x, 2, -1.0, 1.0)
-  assert set(np.round(np.asarray(signed), 6)) <= {-1.0, 0.0, 1.0}
-  # One compile serves every bit-width.
-  f = jax.jit(perturb.quantize_activation)
-  for b in range(2, 9):
-    f(x, jnp.asarray(b), -1.0, 1.0)
-  assert f._cache_size() == 1
+def test_points_are_named_like_the_kernels_of_their_readers():
+  model, variables, x = _setup()
+  shapes = perturb.activation_shapes(
+    lambda v, x: _apply_train(model, v, x), variables, x
+  )
+  kernels, _ = params.split_kernels(variables["params"])
+  # Every point but a repeated call's ("shared#1") is the name of the kernel
+  # of the layer that reads it.
+  assert {k for k in shapes if "#" not in k} <= set(kernels)

@@ -1,28 +1,30 @@
 """Post-training quantization: ranges, the one-compile sweep, STE, reports, CLI."""
 
-import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
 
+from absl import flags
+from absl import logging
+from conftest import ROOT
+from conftest import load_script
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from absl import flags
-from absl import logging
 
+from l1grad import cli
 from l1grad import errors
 from l1grad import models
 from l1grad import perturb
 from l1grad import ptq
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
+from l1grad import ranges as ranges_lib
+from l1grad import report as report_lib
+from l1grad import runs as runs_lib
 
 # ---------------------------------------------------------------------------
 # Batch-norm (Data-Free Quantization) ranges.
@@ -55,10 +57,10 @@ class Branches(nn.Module):
 
 
 BN_PARAMS = {  # (beta, gamma) per channel; negative γ: the rule uses |γ|
-    "bn_stem": ([-1.0, 0.5, 2.0], [0.1, -0.2, 0.05]),
-    "bn_a": ([0.0, 3.0, 1.0], [0.1, 0.2, 0.05]),
-    "bn_b": ([4.0, -1.0, 0.5], [0.05, 0.1, -0.1]),
-    "bn_c": ([-2.0, 0.0, 1.0], [0.2, 0.1, 0.3]),
+  "bn_stem": ([-1.0, 0.5, 2.0], [0.1, -0.2, 0.05]),
+  "bn_a": ([0.0, 3.0, 1.0], [0.1, 0.2, 0.05]),
+  "bn_b": ([4.0, -1.0, 0.5], [0.05, 0.1, -0.1]),
+  "bn_c": ([-2.0, 0.0, 1.0], [0.2, 0.1, 0.3]),
 }
 
 
@@ -80,18 +82,22 @@ def _bounds(name):
 
 def test_bn_ranges_follow_the_dfq_rule_on_a_hand_built_network():
   model, variables, x = _hand_built()
-  ranges = ptq.bn_activation_ranges(model, variables, x)
+  ranges = ranges_lib.bn_activation_ranges(model, variables, x)
   assert set(ranges) == {"a", "c", "head"}  # "b" reads the same tensor as "a"
 
   lo, hi = _bounds("bn_stem")  # [-1.6, -0.7, 1.7], [-0.4, 1.7, 2.3]
-  np.testing.assert_allclose(ranges["a"], (np.maximum(lo, 0).min(), np.maximum(hi, 0).max()),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    ranges["a"], (np.maximum(lo, 0).min(), np.maximum(hi, 0).max()), rtol=1e-6
+  )
   assert ranges["a"][0] == 0.0  # clamped by the ReLU
 
   (la, ua), (lb, ub) = _bounds("bn_a"), _bounds("bn_b")
   # Bounds add per channel, then the ReLU clamps and max-pool keeps them.
   np.testing.assert_allclose(
-      ranges["c"], (np.maximum(la + lb, 0).min(), np.maximum(ua + ub, 0).max()), rtol=1e-6)
+    ranges["c"],
+    (np.maximum(la + lb, 0).min(), np.maximum(ua + ub, 0).max()),
+    rtol=1e-6,
+  )
   # Per-channel sums are tighter than adding the per-tensor bounds (4.6 vs 8.2).
   assert ranges["c"][1] < ua.max() + ub.max()
 
@@ -115,7 +121,7 @@ def test_bn_ranges_refuse_points_not_fed_by_batch_norm():
   x = jnp.zeros((1, 2, 2, 1))
   variables = model.init(jax.random.key(0), x)
   with pytest.raises(errors.UserError, match="calibrate") as info:
-    ptq.bn_activation_ranges(model, variables, x)
+    ranges_lib.bn_activation_ranges(model, variables, x)
   assert "'head'" in str(info.value) and "'hidden'" not in str(info.value)
 
 
@@ -128,7 +134,9 @@ def _randomize_bn(variables, seed, spread=0.5):
     if not any(n.startswith(("BatchNorm", "bn", "norm")) for n in names[:-1]):
       return np.asarray(leaf)
     if names[-1] in ("var", "scale"):
-      return rng.uniform(1 - spread, 1 + 2 * spread, leaf.shape).astype(np.float32)
+      return rng.uniform(1 - spread, 1 + 2 * spread, leaf.shape).astype(
+        np.float32
+      )
     return rng.normal(0.0, spread, leaf.shape).astype(np.float32)
 
   return jax.tree_util.tree_map_with_path(visit, variables)
@@ -140,15 +148,24 @@ def test_bn_ranges_bound_every_activation_when_bn_outputs_are_in_range():
   model = models.TinyResNet(num_classes=3, num_filters=4)
   x = jax.random.normal(jax.random.key(0), (8, 8, 8, 3)) * 3
   variables = _randomize_bn(model.init(jax.random.key(1), x, train=False), 0)
-  ranges = ptq.bn_activation_ranges(model, variables, x)
-  assert set(ranges) == set(perturb.activation_shapes(
-      lambda v, x: model.apply(v, x, train=False), variables, x))
+  ranges = ranges_lib.bn_activation_ranges(model, variables, x)
+  assert set(ranges) == set(
+    perturb.activation_shapes(
+      lambda v, x: model.apply(v, x, train=False), variables, x
+    )
+  )
 
   def clip_bn(next_fun, args, kwargs, context):
     y = next_fun(*args, **kwargs)
-    if context.method_name == "__call__" and isinstance(context.module, nn.BatchNorm):
+    if context.method_name == "__call__" and isinstance(
+      context.module, nn.BatchNorm
+    ):
       p = context.module.variables["params"]
-      y = jnp.clip(y, p["bias"] - 6 * jnp.abs(p["scale"]), p["bias"] + 6 * jnp.abs(p["scale"]))
+      y = jnp.clip(
+        y,
+        p["bias"] - 6 * jnp.abs(p["scale"]),
+        p["bias"] + 6 * jnp.abs(p["scale"]),
+      )
     return y
 
   seen = {}
@@ -175,23 +192,37 @@ SWEEP = [(16, 16), (8, 8), (8, 4), (6, 4), (4, 4), (3, 3), (2, 2)]
 @pytest.fixture(scope="module")
 def digits_setup():
   model = models.get_model("digits_cnn", num_classes=10, width=4)
-  images = np.asarray(jax.random.normal(jax.random.key(0), (40, 8, 8, 1)), np.float32)
-  variables = _randomize_bn(model.init(jax.random.key(1), images[:1], train=False), 1, 0.1)
+  images = np.asarray(
+    jax.random.normal(jax.random.key(0), (40, 8, 8, 1)), np.float32
+  )
+  variables = _randomize_bn(
+    model.init(jax.random.key(1), images[:1], train=False), 1, 0.1
+  )
   # Labels = the float model's predictions: float accuracy is exactly 1.
-  labels = np.asarray(jnp.argmax(model.apply(variables, images, train=False), -1), np.int32)
+  labels = np.asarray(
+    jnp.argmax(model.apply(variables, images, train=False), -1), np.int32
+  )
   assert len(np.unique(labels)) >= 4  # not a constant predictor
   batches = []
   for start in range(0, 40, 16):  # 16, 16, 8 + 8 padding
     n = min(16, 40 - start)
     pad = 16 - n
-    batches.append({
-        "image": np.concatenate([images[start:start + n],
-                                 np.full((pad, 8, 8, 1), 100.0, np.float32)]),
-        "label": np.concatenate([labels[start:start + n], np.zeros(pad, np.int32)]),
+    batches.append(
+      {
+        "image": np.concatenate(
+          [
+            images[start : start + n],
+            np.full((pad, 8, 8, 1), 100.0, np.float32),
+          ]
+        ),
+        "label": np.concatenate(
+          [labels[start : start + n], np.zeros(pad, np.int32)]
+        ),
         "mask": np.arange(16) < n,
-    })
-  folded = ptq.prepare_variables(model, variables, images[:1])
-  ranges = ptq.bn_activation_ranges(model, variables, images[:1])
+      }
+    )
+  folded = runs_lib.prepare_variables(model, variables, images[:1])
+  ranges = ranges_lib.bn_activation_ranges(model, variables, images[:1])
   evaluator = ptq.Evaluator(model, max_traces=1)
   return model, variables, folded, ranges, batches, evaluator
 
@@ -202,7 +233,9 @@ def test_sweep_one_trace_16_bits_is_float_2_bits_is_worse(digits_setup):
   assert float_stats.count == 40 and float_stats.accuracy == 1.0
   assert stats[(16, 16)].accuracy == float_stats.accuracy
   assert stats[(16, 16)].kl < 1e-6
-  assert stats[(8, 8)].kl < 1e-3  # (a random net's logits nearly tie: no accuracy bound)
+  assert (
+    stats[(8, 8)].kl < 1e-3
+  )  # (a random net's logits nearly tie: no accuracy bound)
   assert stats[(2, 2)].accuracy < float_stats.accuracy
   assert stats[(2, 2)].kl > stats[(8, 8)].kl > stats[(16, 16)].kl
   # Another sweep with other bit-widths and other ranges: still no retrace
@@ -213,15 +246,19 @@ def test_sweep_one_trace_16_bits_is_float_2_bits_is_worse(digits_setup):
 
 def test_unfolded_evaluation_matches_float_at_16_bits(digits_setup):
   model, variables, _, ranges, batches, _ = digits_setup
-  plain = ptq.prepare_variables(model, variables, batches[0]["image"], fold=False)
+  plain = runs_lib.prepare_variables(
+    model, variables, batches[0]["image"], fold=False
+  )
   assert "batch_stats" in plain
-  float_stats, stats = ptq.sweep(ptq.Evaluator(model), plain, ranges, [(16, 16)], batches)
+  float_stats, stats = ptq.sweep(
+    ptq.Evaluator(model), plain, ranges, [(16, 16)], batches
+  )
   assert stats[(16, 16)].accuracy == float_stats.accuracy == 1.0
 
 
 def test_calibrated_ranges_are_the_masked_min_max(digits_setup):
   model, _, folded, _, batches, _ = digits_setup
-  ranges = ptq.calibrated_activation_ranges(model, folded, batches)
+  ranges = ranges_lib.calibrated_activation_ranges(model, folded, batches)
   seen = {}
 
   def record(key, a):
@@ -232,7 +269,7 @@ def test_calibrated_ranges_are_the_masked_min_max(digits_setup):
 
   with perturb.transform_layer_inputs(record):  # real examples only
     for b in batches:
-      ptq.apply_model(model, folded, b["image"][b["mask"]])
+      ranges_lib.apply_model(model, folded, b["image"][b["mask"]])
   assert set(ranges) == set(seen)
   for key in seen:
     np.testing.assert_allclose(ranges[key], seen[key], rtol=1e-6)
@@ -240,16 +277,27 @@ def test_calibrated_ranges_are_the_masked_min_max(digits_setup):
 
 def _prepared(digits_setup, config):
   model, variables, folded, ranges, batches, _ = digits_setup
-  return ptq.PreparedRun("ste_run", "/tmp/ste_run", 7, ml_collections.ConfigDict(config),
-                         model, variables, folded, ranges, "bn", batches[0]["image"][:1])
+  return runs_lib.PreparedRun(
+    "ste_run",
+    "/tmp/ste_run",
+    7,
+    ml_collections.ConfigDict(config),
+    model,
+    variables,
+    folded,
+    ranges,
+    "bn",
+    batches[0]["image"][:1],
+  )
 
 
 def test_ste_run_reports_the_better_of_own_grid_and_requantized(digits_setup):
   *_, batches, evaluator = digits_setup
   config = {"seed": 3, "reg": {"kind": "none"}, "qat": {"bits": "4:4"}}
   settings = ptq.Settings(bits=((8, 8), (4, 4), (2, 2), (8, 2)))
-  result = ptq.evaluate_prepared(_prepared(digits_setup, config), settings, batches,
-                                 evaluator=evaluator)
+  result = ptq.evaluate_prepared(
+    _prepared(digits_setup, config), settings, batches, evaluator=evaluator
+  )
   rows = {(r["w_bits"], r["a_bits"]): r for r in result.results}
   assert rows[(None, None)]["kl"] == 0.0 and result.info["qat_bits"] == "4:4"
   assert rows[(4, 4)]["ste_grid"] is None and rows[(2, 2)]["ste_grid"] is None
@@ -259,17 +307,27 @@ def test_ste_run_reports_the_better_of_own_grid_and_requantized(digits_setup):
     assert (alt["own"]["w_bits"], alt["own"]["a_bits"]) == own
     best = max(alt["own"]["accuracy"], alt["requantized"]["accuracy"])
     assert row["accuracy"] == best
-    assert row["ste_grid"] == ("own" if alt["own"]["accuracy"] >= alt["requantized"]["accuracy"]
-                               else "requantized")
+    assert row["ste_grid"] == (
+      "own"
+      if alt["own"]["accuracy"] >= alt["requantized"]["accuracy"]
+      else "requantized"
+    )
   # The own grid at (8,8) is the (4,4) result.
-  assert rows[(8, 8)]["ste_alternatives"]["own"]["accuracy"] == rows[(4, 4)]["accuracy"]
-  assert all(r["method"] == "ste 4:4" and r["seed"] == 3 for r in result.results)
+  assert (
+    rows[(8, 8)]["ste_alternatives"]["own"]["accuracy"]
+    == rows[(4, 4)]["accuracy"]
+  )
+  assert all(
+    r["method"] == "ste 4:4" and r["seed"] == 3 for r in result.results
+  )
 
 
 def test_method_labels():
   def label(**reg):
     qat = reg.pop("qat", "")
-    return ptq.method_label(ml_collections.ConfigDict({"reg": reg, "qat": {"bits": qat}}))
+    return runs_lib.method_label(
+      ml_collections.ConfigDict({"reg": reg, "qat": {"bits": qat}})
+    )
 
   assert label(kind="none") == "none"
   assert label(kind="l1", weight_coef=0.05, act_coef=-1.0) == "l1 λ=0.05"
@@ -285,16 +343,29 @@ def test_method_labels():
 
 def _results(run, method, seed, accs):
   cols = [(None, None), (8, 4), (4, 4)]
-  return [{"run": run, "method": method, "seed": seed, "step": 10, "w_bits": w, "a_bits": a,
-           "accuracy": acc, "kl": 0.0 if w is None else 0.1, "correct": 0, "count": 100}
-          for (w, a), acc in zip(cols, accs)]
+  return [
+    {
+      "run": run,
+      "method": method,
+      "seed": seed,
+      "step": 10,
+      "w_bits": w,
+      "a_bits": a,
+      "accuracy": acc,
+      "kl": 0.0 if w is None else 0.1,
+      "correct": 0,
+      "count": 100,
+    }
+    for (w, a), acc in zip(cols, accs)
+  ]
 
 
 def test_two_run_table_and_report_files(tmp_path):
-  results = (_results("base", "none", 0, [0.92, 0.79, 0.11])
-             + _results("reg", "l1 λ=0.05", 0, [0.93, 0.90, 0.86]))
+  results = _results("base", "none", 0, [0.92, 0.79, 0.11]) + _results(
+    "reg", "l1 λ=0.05", 0, [0.93, 0.90, 0.86]
+  )
   results[-1]["ste_grid"] = "own"
-  table = ptq.markdown_table(results)
+  table = report_lib.markdown_table(results)
   lines = table.strip().splitlines()
   assert lines[0] == "| run | method | FP | (8,4) | (4,4) |"
   assert lines[2] == "| base | none | 92.00 | 79.00 | 11.00 |"
@@ -302,96 +373,167 @@ def test_two_run_table_and_report_files(tmp_path):
 
   settings = ptq.Settings(bits=((8, 4), (4, 4)))
   runs = [{"run": "base", "step": 10}, {"run": "reg", "step": 10}]
-  files = ptq.write_report(ptq.Report(settings, runs, results), str(tmp_path))
+  files = report_lib.write_report(
+    report_lib.Report(settings, runs, results), str(tmp_path)
+  )
   assert sorted(files) == ["csv", "json", "md", "png"]
   assert all(os.path.getsize(f) > 0 for f in files.values())
   data = json.load(open(files["json"]))
-  assert data["act_ranges"] == "bn" and data["settings"]["bits"] == ["8:4", "4:4"]
-  assert {"run", "method", "w_bits", "a_bits", "accuracy", "kl"} <= set(data["results"][0])
+  assert data["act_ranges"] == "bn" and data["settings"]["bits"] == [
+    "8:4",
+    "4:4",
+  ]
+  assert {"run", "method", "w_bits", "a_bits", "accuracy", "kl"} <= set(
+    data["results"][0]
+  )
   assert data["results"][0]["w_bits"] is None
   md = open(files["md"]).read()
-  assert "| base | none |" in md and "| reg | l1 λ=0.05 |" in md and "Data-Free" in md
+  assert (
+    "| base | none |" in md
+    and "| reg | l1 λ=0.05 |" in md
+    and "Data-Free" in md
+  )
   csv_lines = open(files["csv"]).read().splitlines()
-  assert len(csv_lines) == 7 and csv_lines[1].startswith("base,none,0,10,,,0.92")
+  assert len(csv_lines) == 7 and csv_lines[1].startswith(
+    "base,none,0,10,,,0.92"
+  )
 
 
 def test_a_second_report_keeps_the_first_aside(tmp_path):
   settings = ptq.Settings(bits=((8, 4), (4, 4)))
   runs = [{"run": "base", "step": 10}]
-  first = ptq.Report(settings, runs, _results("base", "none", 0, [0.92, 0.79, 0.11]))
-  files = ptq.write_report(first, str(tmp_path), plot=False)
+  first = report_lib.Report(
+    settings, runs, _results("base", "none", 0, [0.92, 0.79, 0.11])
+  )
+  files = report_lib.write_report(first, str(tmp_path), plot=False)
   assert first.replaced == [] and first.kept == {}
   first_json = open(files["json"]).read()
   os.utime(files["json"], (1700000000, 1700000000))  # 2023-11-14 22:13:20 UTC
 
   # The same results again: rewritten in place, nothing to keep.
-  again = ptq.Report(settings, runs, _results("base", "none", 0, [0.92, 0.79, 0.11]))
-  ptq.write_report(again, str(tmp_path), plot=False)
-  assert again.replaced == [files["json"], files["md"], files["csv"]] and again.kept == {}
+  again = report_lib.Report(
+    settings, runs, _results("base", "none", 0, [0.92, 0.79, 0.11])
+  )
+  report_lib.write_report(again, str(tmp_path), plot=False)
+  assert (
+    again.replaced == [files["json"], files["md"], files["csv"]]
+    and again.kept == {}
+  )
   os.utime(files["json"], (1700000000, 1700000000))
 
   # Different results: the earlier files move to ptq.<UTC write time>.*, and a
   # name already taken gets a suffix.
   (tmp_path / "ptq.20231114-221320.json").write_text("taken")
-  second = ptq.Report(settings, runs, _results("base", "none", 0, [0.90, 0.70, 0.20]))
-  ptq.write_report(second, str(tmp_path))
-  kept = {os.path.basename(k): os.path.basename(v) for k, v in second.kept.items()}
-  assert kept == {f"ptq.{ext}": f"ptq.20231114-221320-1.{ext}" for ext in ("json", "md", "csv")}
+  second = report_lib.Report(
+    settings, runs, _results("base", "none", 0, [0.90, 0.70, 0.20])
+  )
+  report_lib.write_report(second, str(tmp_path))
+  kept = {
+    os.path.basename(k): os.path.basename(v) for k, v in second.kept.items()
+  }
+  assert kept == {
+    f"ptq.{ext}": f"ptq.20231114-221320-1.{ext}"
+    for ext in ("json", "md", "csv")
+  }
   assert open(tmp_path / "ptq.20231114-221320-1.json").read() == first_json
   assert (tmp_path / "ptq.20231114-221320.json").read_text() == "taken"
   assert json.load(open(files["json"]))["results"][1]["accuracy"] == 0.70
 
   # overwrite=True replaces without keeping (and says what it replaced).
-  third = ptq.Report(settings, runs, _results("base", "none", 0, [0.5, 0.5, 0.5]))
-  ptq.write_report(third, str(tmp_path), overwrite=True)
+  third = report_lib.Report(
+    settings, runs, _results("base", "none", 0, [0.5, 0.5, 0.5])
+  )
+  report_lib.write_report(third, str(tmp_path), overwrite=True)
   assert len(third.replaced) == 4 and third.kept == {}
   assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-      ["ptq.json", "ptq.md", "ptq.csv", "ptq.png", "ptq.20231114-221320.json",
-       *(f"ptq.20231114-221320-1.{ext}" for ext in ("json", "md", "csv"))])
+    [
+      "ptq.json",
+      "ptq.md",
+      "ptq.csv",
+      "ptq.png",
+      "ptq.20231114-221320.json",
+      *(f"ptq.20231114-221320-1.{ext}" for ext in ("json", "md", "csv")),
+    ]
+  )
 
 
 def test_grouping_by_method_gives_mean_and_std():
-  results = (_results("l1_s0", "l1 λ=0.05", 0, [0.90, 0.80, 0.70])
-             + _results("l1_s1", "l1 λ=0.05", 1, [0.92, 0.84, 0.74]))
-  lines = ptq.markdown_table(results, group_by="method").strip().splitlines()
+  results = _results("l1_s0", "l1 λ=0.05", 0, [0.90, 0.80, 0.70]) + _results(
+    "l1_s1", "l1 λ=0.05", 1, [0.92, 0.84, 0.74]
+  )
+  lines = (
+    report_lib.markdown_table(results, group_by="method").strip().splitlines()
+  )
   assert lines[0] == "| method | n | FP | (8,4) | (4,4) |"
-  assert lines[2] == "| l1 λ=0.05 | 2 | 91.00 ± 1.41 | 82.00 ± 2.83 | 72.00 ± 2.83 |"
+  assert (
+    lines[2] == "| l1 λ=0.05 | 2 | 91.00 ± 1.41 | 82.00 ± 2.83 | 72.00 ± 2.83 |"
+  )
 
 
 def test_grouping_by_config_fields_pools_seeds():
-  results = (_results("a_s0", "l1 λ=0.05", 0, [0.90, 0.80, 0.70])
-             + _results("a_s1", "l1 λ=0.05", 1, [0.92, 0.84, 0.74])
-             + _results("b_s0", "none", 0, [0.91, 0.50, 0.10]))
-  runs = [{"run": "a_s0", "config": {"seed": 0, "reg": {"kind": "l1", "weight_coef": 0.05}}},
-          {"run": "a_s1", "config": {"seed": 1, "reg": {"kind": "l1", "weight_coef": 0.05}}},
-          {"run": "b_s0", "config": {"seed": 0, "reg": {"kind": "none", "weight_coef": 0.0}}}]
-  lines = ptq.markdown_table(results, group_by="reg.kind,reg.weight_coef",
-                             runs=runs).strip().splitlines()
+  results = (
+    _results("a_s0", "l1 λ=0.05", 0, [0.90, 0.80, 0.70])
+    + _results("a_s1", "l1 λ=0.05", 1, [0.92, 0.84, 0.74])
+    + _results("b_s0", "none", 0, [0.91, 0.50, 0.10])
+  )
+  runs = [
+    {
+      "run": "a_s0",
+      "config": {"seed": 0, "reg": {"kind": "l1", "weight_coef": 0.05}},
+    },
+    {
+      "run": "a_s1",
+      "config": {"seed": 1, "reg": {"kind": "l1", "weight_coef": 0.05}},
+    },
+    {
+      "run": "b_s0",
+      "config": {"seed": 0, "reg": {"kind": "none", "weight_coef": 0.0}},
+    },
+  ]
+  lines = (
+    report_lib.markdown_table(
+      results, group_by="reg.kind,reg.weight_coef", runs=runs
+    )
+    .strip()
+    .splitlines()
+  )
   assert lines[0] == "| reg.kind | reg.weight_coef | n | FP | (8,4) | (4,4) |"
-  assert lines[2] == "| l1 | 0.05 | 2 | 91.00 ± 1.41 | 82.00 ± 2.83 | 72.00 ± 2.83 |"
+  assert (
+    lines[2] == "| l1 | 0.05 | 2 | 91.00 ± 1.41 | 82.00 ± 2.83 | 72.00 ± 2.83 |"
+  )
   assert lines[3] == "| none | 0 | 1 | 91.00 | 50.00 | 10.00 |"
   with pytest.raises(errors.ConfigError, match="reg.nope"):
-    ptq.markdown_table(results, group_by="reg.nope", runs=runs)
+    report_lib.markdown_table(results, group_by="reg.nope", runs=runs)
   with pytest.raises(errors.ConfigError, match="group_by"):
-    ptq.parse_group_by("reg.kind,,seed")
+    report_lib.parse_group_by("reg.kind,,seed")
 
 
 def test_collapsed_runs_are_flagged_not_hidden(tmp_path):
-  assert ptq.is_collapsed(0.10, 10) and ptq.is_collapsed(0.2, 10)
-  assert not ptq.is_collapsed(0.25, 10) and not ptq.is_collapsed(0.01, None)
+  assert report_lib.is_collapsed(0.10, 10) and report_lib.is_collapsed(0.2, 10)
+  assert not report_lib.is_collapsed(0.25, 10) and not report_lib.is_collapsed(
+    0.01, None
+  )
   ok = _results("l1_s0", "l1 λ=1", 0, [0.95, 0.90, 0.80])
   dead = _results("l1_s1", "l1 λ=1", 1, [0.10, 0.10, 0.10])
   for r in dead:
     r["collapsed"] = True
-  lines = ptq.markdown_table(ok + dead, group_by="method").strip().splitlines()
-  assert lines[2] == "| l1 λ=1 (1/2 collapsed) | 2 | 52.50 ± 60.10 | 50.00 ± 56.57 | 45.00 ± 49.50 |"
-  lines = ptq.markdown_table(ok + dead).strip().splitlines()
+  lines = (
+    report_lib.markdown_table(ok + dead, group_by="method").strip().splitlines()
+  )
+  assert (
+    lines[2]
+    == "| l1 λ=1 (1/2 collapsed) | 2 | 52.50 ± 60.10 | 50.00 ± 56.57 | 45.00 ± 49.50 |"
+  )
+  lines = report_lib.markdown_table(ok + dead).strip().splitlines()
   assert lines[3].startswith("| l1_s1 | l1 λ=1 (collapsed) | 10.00 |")
-  runs = [{"run": "l1_s0", "step": 1, "collapsed": False, "chance_accuracy": 0.1},
-          {"run": "l1_s1", "step": 1, "collapsed": True, "chance_accuracy": 0.1}]
-  report = ptq.Report(ptq.Settings(bits=((8, 4), (4, 4))), runs, ok + dead,
-                      group_by="method")
-  files = ptq.write_report(report, str(tmp_path))
+  runs = [
+    {"run": "l1_s0", "step": 1, "collapsed": False, "chance_accuracy": 0.1},
+    {"run": "l1_s1", "step": 1, "collapsed": True, "chance_accuracy": 0.1},
+  ]
+  report = report_lib.Report(
+    ptq.Settings(bits=((8, 4), (4, 4))), runs, ok + dead, group_by="method"
+  )
+  files = report_lib.write_report(report, str(tmp_path))
   md = open(files["md"]).read()
   assert "1 run(s) collapsed" in md and "l1_s1" in md and "## Per run" in md
   assert json.load(open(files["json"]))["group_by"] == "method"
@@ -411,14 +553,86 @@ def test_settings_reject_bits_outside_2_to_16():
     ptq.Settings(act_ranges="percentile")
 
 
+def test_settings_share_one_validation_and_keep_their_json_order():
+  assert isinstance(ptq.Settings(), runs_lib.Settings)
+  for settings in (runs_lib.Settings, ptq.Settings):
+    with pytest.raises(errors.ConfigError, match="--batch_size must be >= 1"):
+      settings(batch_size=0)
+    with pytest.raises(errors.ConfigError, match="--calib_batches"):
+      settings(calib_batches=0)
+  with pytest.raises(errors.ConfigError, match="--max_examples"):
+    ptq.Settings(max_examples=0)
+  with pytest.raises(TypeError):  # keyword-only: no silent field swaps
+    ptq.Settings(((8, 4),))
+  assert list(ptq.Settings().to_json()) == [
+    "bits",
+    "act_ranges",
+    "per_channel",
+    "fold",
+    "calib_batches",
+    "max_examples",
+    "batch_size",
+    "num_std",
+    "step",
+  ]
+
+
+def test_moved_names_still_work_from_ptq():
+  moved = {
+    ranges_lib: [
+      "ACT_RANGE_METHODS",
+      "EVAL_KWARGS",
+      "apply_model",
+      "bn_activation_ranges",
+      "calibrated_activation_ranges",
+      "range_tree",
+    ],
+    runs_lib: [
+      "PreparedRun",
+      "check_variables_match",
+      "config_json",
+      "eval_batch_size",
+      "method_label",
+      "prepare_run",
+      "prepare_variables",
+    ],
+    report_lib: [
+      "COLLAPSE_FACTOR",
+      "Report",
+      "TableRow",
+      "column_name",
+      "is_collapsed",
+      "markdown_table",
+      "parse_group_by",
+      "plot_results",
+      "results_csv",
+      "summarize",
+      "write_report",
+    ],
+  }
+  for module, names in moved.items():
+    for name in names:
+      assert getattr(ptq, name) is getattr(module, name), name
+
+
+def test_eval_batch_size_is_the_setting_else_the_configs():
+  config = ml_collections.ConfigDict({"batch_size": 64, "eval_batch_size": -1})
+  assert runs_lib.eval_batch_size(config) == 64
+  assert runs_lib.eval_batch_size(config, ptq.Settings(batch_size=8)) == 8
+  config.eval_batch_size = 100
+  assert runs_lib.eval_batch_size(config, ptq.Settings()) == 100
+
+
 def test_variables_that_do_not_fit_the_model_are_a_checkpoint_error():
   small = models.get_model("digits_cnn", num_classes=10, width=4)
   big = models.get_model("digits_cnn", num_classes=10, width=8)
   x = jnp.zeros((1, 8, 8, 1))
-  variables = jax.eval_shape(lambda: small.init(jax.random.key(0), x, train=False))
+  variables = jax.eval_shape(
+    lambda: small.init(jax.random.key(0), x, train=False)
+  )
   with pytest.raises(errors.CheckpointError, match="does not match.*shape"):
-    ptq.check_variables_match(big, variables, x)
-  ptq.check_variables_match(small, variables, x)  # no error
+    runs_lib.check_variables_match(big, variables, x)
+  runs_lib.check_variables_match(small, variables, x)  # no error
 
 
 # ---------------------------------------------------------------------------
@@ -427,11 +641,19 @@ def test_variables_that_do_not_fit_the_model_are_a_checkpoint_error():
 
 
 def _train_digits(workdir, **overrides):
-  from l1grad import train  # pylint: disable=g-import-not-at-top
   from tiny_configs import tiny_digits  # pylint: disable=g-import-not-at-top
 
-  config = tiny_digits(**{"num_epochs": 1, "max_steps": 4, "log_every_steps": 4,
-                          "max_eval_examples": 64, **overrides})
+  from l1grad import train  # pylint: disable=g-import-not-at-top
+
+  config = tiny_digits(
+    **{
+      "num_epochs": 1,
+      "max_steps": 4,
+      "log_every_steps": 4,
+      "max_eval_examples": 64,
+      **overrides,
+    }
+  )
   train.train_and_evaluate(config, str(workdir))
   return str(workdir)
 
@@ -439,38 +661,50 @@ def _train_digits(workdir, **overrides):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   base = tmp_path_factory.mktemp("runs")
-  return (_train_digits(base / "plain"),
-          _train_digits(base / "ste", **{"qat.bits": "4:4", "seed": 1}))
-
-
-def _load_eval_ptq():
-  if "eval_ptq" not in sys.modules:
-    spec = importlib.util.spec_from_file_location("eval_ptq", os.path.join(ROOT, "eval_ptq.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["eval_ptq"] = module
-    spec.loader.exec_module(module)
-  return sys.modules["eval_ptq"]
+  return (
+    _train_digits(base / "plain"),
+    _train_digits(base / "ste", **{"qat.bits": "4:4", "seed": 1}),
+  )
 
 
 def _main(*argv):
-  """Runs eval_ptq's main as ``python eval_ptq.py ARGV`` would, in process."""
-  eval_ptq = _load_eval_ptq()
+  """Runs eval_ptq.py as ``python eval_ptq.py ARGV`` would, in process.
+
+  ``main`` runs inside :func:`l1grad.cli.guard`, as ``cli.run`` runs it: a
+  ``UserError`` ends in ``error: ...`` on stderr and ``SystemExit(2)``.
+  """
+  eval_ptq = load_script("eval_ptq.py")
   verbosity = logging.get_verbosity()
   flags.FLAGS.unparse_flags()
   flags.FLAGS(["eval_ptq.py", *argv])
   try:
-    eval_ptq.main(["eval_ptq.py"])
+    cli.guard(eval_ptq.main)(["eval_ptq.py"])
   finally:
     flags.FLAGS.unparse_flags()
     logging.set_verbosity(verbosity)
 
 
-def test_eval_ptq_two_runs_table_json_plot_and_export(trained, tmp_path, capsys):
+def test_eval_ptq_two_runs_table_json_plot_and_export(
+  trained, tmp_path, capsys
+):
   plain, ste = trained
   out, exported = tmp_path / "report", tmp_path / "exported"
-  _main("--workdir", plain, "--workdir", ste, "--bits", "16:16,8:8,4:4,2:8",
-        "--out", str(out), "--max_examples", "100", "--export", "4:4",
-        "--export_dir", str(exported))
+  _main(
+    "--workdir",
+    plain,
+    "--workdir",
+    ste,
+    "--bits",
+    "16:16,8:8,4:4,2:8",
+    "--out",
+    str(out),
+    "--max_examples",
+    "100",
+    "--export",
+    "4:4",
+    "--export_dir",
+    str(exported),
+  )
   printed = capsys.readouterr().out
   assert "| plain | none |" in printed and "| ste | ste 4:4 |" in printed
   assert "bytes" in printed and "larger" in printed
@@ -484,13 +718,16 @@ def test_eval_ptq_two_runs_table_json_plot_and_export(trained, tmp_path, capsys)
   float_row, *rows = [r for r in data["results"] if r["run"] == "plain"]
   assert float_row["w_bits"] is None and float_row["kl"] == 0.0
   assert rows[0]["accuracy"] == float_row["accuracy"]  # 16:16
-  ste_rows = {(r["w_bits"], r["a_bits"]): r for r in data["results"] if r["run"] == "ste"}
+  ste_rows = {
+    (r["w_bits"], r["a_bits"]): r for r in data["results"] if r["run"] == "ste"
+  }
   assert ste_rows[(8, 8)]["ste_grid"] in ("own", "requantized")
   assert ste_rows[(4, 4)]["ste_grid"] is None
   assert all((out / f"ptq.{ext}").exists() for ext in ("md", "csv", "png"))
 
   # One export per run; each reproduces the fake-quantized logits.
   from l1grad import export  # pylint: disable=g-import-not-at-top
+
   for name in ("plain", "ste"):
     loaded = export.load_exported(str(exported / name))
     assert loaded.w_bits == 4 and loaded.manifest["source"]["step"] == 4
@@ -499,11 +736,24 @@ def test_eval_ptq_two_runs_table_json_plot_and_export(trained, tmp_path, capsys)
 def test_eval_ptq_default_out_is_the_first_workdir(trained, tmp_path):
   work = tmp_path / "run"
   shutil.copytree(trained[0], work)
-  _main("--workdir", str(work), "--bits", "8:8", "--max_examples", "32",
-        "--act_ranges", "calibrate", "--calib_batches", "1", "--per_channel")
+  _main(
+    "--workdir",
+    str(work),
+    "--bits",
+    "8:8",
+    "--max_examples",
+    "32",
+    "--act_ranges",
+    "calibrate",
+    "--calib_batches",
+    "1",
+    "--per_channel",
+  )
   data = json.load(open(work / "ptq.json"))
   assert data["act_ranges"] == "calibrate" and data["settings"]["per_channel"]
-  assert "calibrated min/max over 1 training batches" in open(work / "ptq.md").read()
+  assert (
+    "calibrated min/max over 1 training batches" in open(work / "ptq.md").read()
+  )
 
 
 def test_eval_ptq_never_replaces_a_report_silently(trained, tmp_path, capsys):
@@ -514,12 +764,23 @@ def test_eval_ptq_never_replaces_a_report_silently(trained, tmp_path, capsys):
   assert "2 bit-widths," in capsys.readouterr().out
 
   # An export-only call (no --bits) leaves the report alone.
-  _main("--workdir", str(work), "--export", "4:4", "--export_dir", str(tmp_path / "exp"))
+  _main(
+    "--workdir",
+    str(work),
+    "--export",
+    "4:4",
+    "--export_dir",
+    str(tmp_path / "exp"),
+  )
   printed = capsys.readouterr().out
   assert "Export only" in printed and "Exported integer model" in printed
   assert (work / "ptq.json").read_text() == first
   assert sorted(p.name for p in work.glob("ptq*")) == [
-      "ptq.csv", "ptq.json", "ptq.md", "ptq.png"]
+    "ptq.csv",
+    "ptq.json",
+    "ptq.md",
+    "ptq.png",
+  ]
 
   # A new sweep writes ptq.* and keeps the earlier report, saying where.
   _main("--workdir", str(work), "--bits", "8:8", "--max_examples", "32")
@@ -527,14 +788,28 @@ def test_eval_ptq_never_replaces_a_report_silently(trained, tmp_path, capsys):
   assert "1 bit-width," in printed and "bit-widths" not in printed
   archived = sorted(p.name for p in work.glob("ptq.*.json"))
   assert len(archived) == 1 and (work / archived[0]).read_text() == first
-  stamp = archived[0][len("ptq."):-len(".json")]
-  assert f"Kept the earlier report in {work}: ptq.json -> ptq.{stamp}.json" in printed
+  stamp = archived[0][len("ptq.") : -len(".json")]
+  assert (
+    f"Kept the earlier report in {work}: ptq.json -> ptq.{stamp}.json"
+    in printed
+  )
   assert len(json.load(open(work / "ptq.json"))["settings"]["bits"]) == 1
 
   # --overwrite replaces it instead, and says so.
-  _main("--workdir", str(work), "--bits", "4:4", "--max_examples", "32", "--overwrite")
+  _main(
+    "--workdir",
+    str(work),
+    "--bits",
+    "4:4",
+    "--max_examples",
+    "32",
+    "--overwrite",
+  )
   printed = capsys.readouterr().out
-  assert f"Replaced the earlier report {work / 'ptq.json'}" in printed and "--overwrite" in printed
+  assert (
+    f"Replaced the earlier report {work / 'ptq.json'}" in printed
+    and "--overwrite" in printed
+  )
   assert sorted(p.name for p in work.glob("ptq.*.json")) == archived
 
 
@@ -552,13 +827,25 @@ def _expect_user_error(capsys, *argv, match):
 def test_eval_ptq_bad_input_exits_2_with_a_message(trained, tmp_path, capsys):
   empty = tmp_path / "empty"
   empty.mkdir()
-  _expect_user_error(capsys, "--workdir", str(empty), match=["No checkpoint", "train.py"])
-  _expect_user_error(capsys, "--workdir", str(tmp_path / "missing"),
-                     match=["does not exist"])
-  _expect_user_error(capsys, "--workdir", trained[0], "--bits", "8:1",
-                     match=["between 2 and 16"])
-  _expect_user_error(capsys, "--workdir", trained[0], "--bits", "8:4", "--export", "4:4",
-                     match=["--export_dir"])
+  _expect_user_error(
+    capsys, "--workdir", str(empty), match=["No checkpoint", "train.py"]
+  )
+  _expect_user_error(
+    capsys, "--workdir", str(tmp_path / "missing"), match=["does not exist"]
+  )
+  _expect_user_error(
+    capsys, "--workdir", trained[0], "--bits", "8:1", match=["between 2 and 16"]
+  )
+  _expect_user_error(
+    capsys,
+    "--workdir",
+    trained[0],
+    "--bits",
+    "8:4",
+    "--export",
+    "4:4",
+    match=["--export_dir"],
+  )
 
   corrupt = tmp_path / "corrupt"
   shutil.copytree(trained[0], corrupt)
@@ -568,8 +855,14 @@ def test_eval_ptq_bad_input_exits_2_with_a_message(trained, tmp_path, capsys):
       if not f.endswith(".txt"):
         with open(os.path.join(root, f), "wb") as fh:
           fh.write(b"garbage")
-  _expect_user_error(capsys, "--workdir", str(corrupt), "--bits", "8:4",
-                     match=["Could not read checkpoint"])
+  _expect_user_error(
+    capsys,
+    "--workdir",
+    str(corrupt),
+    "--bits",
+    "8:4",
+    match=["Could not read checkpoint"],
+  )
 
   mismatch = tmp_path / "mismatch"
   shutil.copytree(trained[0], mismatch)
@@ -577,13 +870,29 @@ def test_eval_ptq_bad_input_exits_2_with_a_message(trained, tmp_path, capsys):
   config = json.loads(config_file.read_text())
   config["model_kwargs"]["width"] = 8
   config_file.write_text(json.dumps(config))
-  _expect_user_error(capsys, "--workdir", str(mismatch), "--bits", "8:4",
-                     match=["does not match the model", "shape"])
+  _expect_user_error(
+    capsys,
+    "--workdir",
+    str(mismatch),
+    "--bits",
+    "8:4",
+    match=["does not match the model", "shape"],
+  )
 
 
 def test_eval_ptq_script_reports_errors_without_traceback(tmp_path):
   proc = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "eval_ptq.py"), "--workdir", str(tmp_path)],
-      capture_output=True, text=True, cwd=ROOT, timeout=120, check=False)
+    [
+      sys.executable,
+      os.path.join(ROOT, "eval_ptq.py"),
+      "--workdir",
+      str(tmp_path),
+    ],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    timeout=120,
+    check=False,
+  )
   assert proc.returncode == 2, proc.stderr
   assert "No checkpoint" in proc.stderr and "Traceback" not in proc.stderr

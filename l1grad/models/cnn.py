@@ -12,13 +12,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from l1grad.models.common import (
-    Dtype,
-    batch_norm,
-    conv_bn_relu_stack,
-    conv_no_bias,
-    mlp_classifier,
-)
+from l1grad.models.common import Dtype
+from l1grad.models.common import batch_norm
+from l1grad.models.common import conv_bn_relu_stack
+from l1grad.models.common import conv_no_bias
+from l1grad.models.common import mlp_classifier
 
 
 class DigitsCNN(nn.Module):
@@ -53,16 +51,16 @@ class DigitsCNN(nn.Module):
     w = self.width
     norm = batch_norm(train, self.dtype)
     x = conv_bn_relu_stack(
-        x, (w, 2 * w, "M", 2 * w), conv=conv_no_bias(self.dtype), norm=norm
+      x, (w, 2 * w, "M", 2 * w), conv=conv_no_bias(self.dtype), norm=norm
     )
     # Flatten rather than average-pool: on a 4×4 map the position of a
     # stroke is most of what tells digits apart.
     return mlp_classifier(
-        x,
-        [4 * w],
-        self.num_classes,
-        norm=norm,
-        dropout_rate=0.0,
-        train=train,
-        dtype=self.dtype,
+      x,
+      [4 * w],
+      self.num_classes,
+      norm=norm,
+      dropout_rate=0.0,
+      train=train,
+      dtype=self.dtype,
     )

@@ -14,8 +14,9 @@ here rather than in each model:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -46,11 +47,11 @@ def batch_norm(train: bool, dtype: Dtype = jnp.float32) -> ModuleDef:
     A ``functools.partial`` of ``nn.BatchNorm``; call it like the class.
   """
   return functools.partial(
-      nn.BatchNorm,
-      use_running_average=not train,
-      momentum=BN_MOMENTUM,
-      epsilon=BN_EPSILON,
-      dtype=dtype,
+    nn.BatchNorm,
+    use_running_average=not train,
+    momentum=BN_MOMENTUM,
+    epsilon=BN_EPSILON,
+    dtype=dtype,
   )
 
 
@@ -82,11 +83,11 @@ def logits_float32(x: jax.Array) -> jax.Array:
 
 
 def conv_bn_relu_stack(
-    x: jax.Array,
-    layers: Sequence[int | str],
-    *,
-    conv: ModuleDef,
-    norm: ModuleDef,
+  x: jax.Array,
+  layers: Sequence[int | str],
+  *,
+  conv: ModuleDef,
+  norm: ModuleDef,
 ) -> jax.Array:
   """Applies a plain (VGG-style) stack of 3×3 conv → BN → ReLU and max-pools.
 
@@ -118,14 +119,14 @@ def conv_bn_relu_stack(
 
 
 def mlp_classifier(
-    x: jax.Array,
-    hidden: Sequence[int],
-    num_classes: int,
-    *,
-    norm: ModuleDef | None,
-    dropout_rate: float,
-    train: bool,
-    dtype: Dtype,
+  x: jax.Array,
+  hidden: Sequence[int],
+  num_classes: int,
+  *,
+  norm: ModuleDef | None,
+  dropout_rate: float,
+  train: bool,
+  dtype: Dtype,
 ) -> jax.Array:
   """Flattens, applies hidden Dense → BN → ReLU layers, then the logits layer.
 

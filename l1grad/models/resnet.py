@@ -19,19 +19,18 @@ ResNet-18 be ported, e.g. to fine-tune it with the penalty.
 
 from __future__ import annotations
 
-from typing import Callable, Literal, Sequence
+from collections.abc import Callable, Sequence
+from typing import Literal
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from l1grad.models.common import (
-    Dtype,
-    ModuleDef,
-    batch_norm,
-    conv_no_bias,
-    logits_float32,
-)
+from l1grad.models.common import Dtype
+from l1grad.models.common import ModuleDef
+from l1grad.models.common import batch_norm
+from l1grad.models.common import conv_no_bias
+from l1grad.models.common import logits_float32
 
 Stem = Literal["imagenet", "cifar"]
 STEMS = ("imagenet", "cifar")
@@ -72,9 +71,9 @@ class ResNetBlock(nn.Module):
     y = self.act(y)
     y = self.conv(self.filters, (3, 3), padding=1)(y)
     scale_init = (
-        nn.initializers.zeros_init()
-        if self.zero_init_residual
-        else nn.initializers.ones_init()
+      nn.initializers.zeros_init()
+      if self.zero_init_residual
+      else nn.initializers.ones_init()
     )
     y = self.norm(scale_init=scale_init)(y)
 
@@ -84,7 +83,7 @@ class ResNetBlock(nn.Module):
       # perturbation code recognises it by identity as one activation, the
       # way hardware would quantize it once.
       residual = self.conv(
-          self.filters, (1, 1), self.strides, padding=0, name="conv_proj"
+        self.filters, (1, 1), self.strides, padding=0, name="conv_proj"
       )(x)
       residual = self.norm(name="norm_proj")(residual)
     return self.act(residual + y)
@@ -144,11 +143,11 @@ class ResNet(nn.Module):
       for j in range(block_size):
         strides = (2, 2) if i > 0 and j == 0 else (1, 1)
         x = ResNetBlock(
-            self.num_filters * 2**i,
-            conv=conv,
-            norm=norm,
-            strides=strides,
-            zero_init_residual=self.zero_init_residual,
+          self.num_filters * 2**i,
+          conv=conv,
+          norm=norm,
+          strides=strides,
+          zero_init_residual=self.zero_init_residual,
         )(x)
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)

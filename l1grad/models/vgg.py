@@ -22,13 +22,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from l1grad.models.common import (
-    Dtype,
-    batch_norm,
-    conv_bn_relu_stack,
-    conv_no_bias,
-    mlp_classifier,
-)
+from l1grad.models.common import Dtype
+from l1grad.models.common import batch_norm
+from l1grad.models.common import conv_bn_relu_stack
+from l1grad.models.common import conv_no_bias
+from l1grad.models.common import mlp_classifier
 
 # Channels at width_multiplier 1; "M" is a 2×2 max-pool.
 VGG_LAYERS = (128, 128, "M", 256, 256, "M", 512, 512, "M")
@@ -71,18 +69,18 @@ class VGGLike(nn.Module):
     """
     norm = batch_norm(train, self.dtype)
     layers = [
-        layer if layer == "M" else _scaled(layer, self.width_multiplier)
-        for layer in VGG_LAYERS
+      layer if layer == "M" else _scaled(layer, self.width_multiplier)
+      for layer in VGG_LAYERS
     ]
     x = conv_bn_relu_stack(x, layers, conv=conv_no_bias(self.dtype), norm=norm)
     return mlp_classifier(
-        x,
-        [_scaled(VGG_HIDDEN, self.width_multiplier)],
-        self.num_classes,
-        norm=norm if self.fc_batch_norm else None,
-        dropout_rate=self.dropout_rate,
-        train=train,
-        dtype=self.dtype,
+      x,
+      [_scaled(VGG_HIDDEN, self.width_multiplier)],
+      self.num_classes,
+      norm=norm if self.fc_batch_norm else None,
+      dropout_rate=self.dropout_rate,
+      train=train,
+      dtype=self.dtype,
     )
 
 

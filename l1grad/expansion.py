@@ -1,0 +1,551 @@
+r"""The loss expansion around the float model, against real quantization noise.
+
+The paper (§2, §2.3, Appendix B; docs/method.md §1) models post-training
+quantization as an additive perturbation δ of z = (W, A), bounded by
+‖δ‖∞ ≤ Δ/2, and expands the loss around the float model:
+
+  L(z + δ) − L(z) = ⟨δ, ∇L⟩ + ½·δᵀHδ + O(‖δ‖³),
+  max over ‖δ‖∞ ≤ Δ/2 of ⟨δ, ∇L⟩ = Σ (Δ/2)·|∇L|   (Δ per tensor),
+
+and regularizes the ℓ1 norm of the gradient because it bounds the first-order
+term for every bit-width at once. This module holds the maths to measure each
+term for the *actual* quantization noise of a trained model; the per-run
+measurement and the command are :mod:`l1grad.analysis`.
+
+Building blocks (pure, jit-able, usable on any Flax linen model built from
+``nn.Conv``/``nn.Dense``):
+
+* the expansion point ``z = {"weights": {layer: kernel}, "acts": {point: 0}}``
+  (:func:`expansion_point`), and the model as a function of it
+  (:func:`apply_at`, :func:`loss_at`); layers and activation points are keyed
+  by module path (docs/method.md §3), the points being those of
+  :mod:`l1grad.perturb` (inputs of every Conv/Dense but the first);
+* :func:`hvp`: a Hessian-vector product over (weights, activation points),
+  forward-over-reverse (``jax.jvp`` of ``jax.grad``);
+* :func:`quantization_noise`: the noise tree δ and bin widths Δ of the model
+  quantized at (W, A) bits, weights-only, activations-only or both;
+* :func:`expansion_terms`: induced loss, first-order term, worst-case ℓ1
+  bound, second-order prediction; :func:`gradient_norms`,
+  :func:`kl_divergence`, :func:`noise_histogram`.
+
+The activation noise at a point is recorded *in the quantized network*:
+δ_A = Q(x') − x' where x' is what arrives at the point when everything
+upstream is already quantized. Added to the float network as fixed
+perturbations, (δ_W, δ_A) reproduce the quantized network exactly, so
+L(z + δ) − L(z) is the real PTQ loss change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+import functools
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+import optax
+
+from l1grad import fold
+from l1grad import params as params_lib
+from l1grad import penalty
+from l1grad import perturb
+from l1grad import ptq
+from l1grad import quant
+from l1grad import ranges as ranges_lib
+
+__all__ = [
+  "QuantNoise",
+  "activation_step",
+  "apply_at",
+  "cross_entropy",
+  "expansion_point",
+  "expansion_terms",
+  "gradient_norms",
+  "hvp",
+  "inner",
+  "kl_divergence",
+  "loss_at",
+  "noise_histogram",
+  "quantization_noise",
+  "split_weights",
+  "weight_noise",
+  "weights_of",
+  "worst_case_bound",
+  "worst_case_perturbation",
+]
+
+PyTree = Any
+Batch = Mapping[str, ArrayLike]
+
+# Histograms of δ/Δ: bins of width 1/21 placed so that ±½ (the rounding
+# bound) are bin edges and 0 is a bin centre (exact zeros, e.g. ReLU zeros,
+# form one visible spike); 43 bins span ±43/42 ≈ ±1.02, and clipped values
+# (outside a fixed activation range) pile up in the edge bins.
+NUM_BINS = 43
+HIST_LIMIT = NUM_BINS / 42
+# |δ|/Δ above ½ by more than float rounding counts as clipped.
+CLIP_TOLERANCE = 1e-3
+
+
+# ---------------------------------------------------------------------------
+# The expansion point z = (weights, activation perturbations).
+# ---------------------------------------------------------------------------
+
+
+# The kernels of a params tree by layer (module path), and a merge function:
+# l1grad.params.split_kernels, under its earlier name.
+split_weights = params_lib.split_kernels
+
+
+def _params(variables: Any) -> PyTree:
+  if isinstance(variables, fold.FoldedVariables):
+    return variables.params
+  return variables["params"]
+
+
+def weights_of(variables: Any) -> dict[str, jax.Array]:
+  """The Conv/Dense kernels of folded or plain variables, by layer path."""
+  weights, _ = params_lib.split_kernels(_params(variables))
+  return weights
+
+
+def _with_params(variables: Any, params: PyTree) -> Any:
+  if isinstance(variables, fold.FoldedVariables):
+    return variables.replace(params=params)
+  return {**variables, "params": params}
+
+
+def expansion_point(
+  model: nn.Module,
+  variables: Any,
+  images: ArrayLike,
+  *,
+  apply_kwargs: Mapping[str, Any] = ranges_lib.EVAL_KWARGS,
+) -> dict[str, dict[str, jax.Array]]:
+  """The float model as a point ``z = {"weights": ..., "acts": ...}``.
+
+  Args:
+    model: A linen model.
+    variables: Its variables as evaluated: folded
+      (:class:`l1grad.fold.FoldedVariables`) or a plain variables dict.
+    images: A batch (its shape fixes the activation points' shapes).
+    apply_kwargs: Evaluation-mode arguments of ``model.apply``.
+
+  Returns:
+    ``{"weights": {layer: kernel}, "acts": {point: zeros}}``: the kernels and
+    a zero perturbation per activation point, shaped like the batch's
+    activations.
+  """
+  weights, _ = params_lib.split_kernels(_params(variables))
+  shapes = perturb.activation_shapes(
+    lambda v, x: ranges_lib.apply_model(model, v, x, apply_kwargs),
+    variables,
+    jnp.asarray(images),
+  )
+  return {"weights": dict(weights), "acts": perturb.zero_perturbations(shapes)}
+
+
+def apply_at(
+  model: nn.Module,
+  variables: Any,
+  z: Mapping[str, Mapping[str, ArrayLike]],
+  images: ArrayLike,
+  *,
+  apply_kwargs: Mapping[str, Any] = ranges_lib.EVAL_KWARGS,
+) -> jax.Array:
+  """Logits at ``z``: kernels ``z["weights"]``, perturbations ``z["acts"]``.
+
+  Args:
+    model: A linen model.
+    variables: Its variables (folded or plain); every leaf but the kernels is
+      taken from here (biases, folded biases, batch statistics).
+    z: ``{"weights": {layer: kernel}, "acts": {point: perturbation}}`` as
+      from :func:`expansion_point` (possibly moved).
+    images: The input batch.
+    apply_kwargs: Evaluation-mode arguments of ``model.apply``.
+
+  Returns:
+    The logits.
+  """
+  _, merge = params_lib.split_kernels(_params(variables))
+  moved = _with_params(variables, merge(z["weights"]))
+  with perturb.perturbed(z["acts"]):
+    return ranges_lib.apply_model(model, moved, images, apply_kwargs)
+
+
+def cross_entropy(
+  logits: ArrayLike, labels: ArrayLike, mask: ArrayLike | None = None
+) -> jax.Array:
+  """Mean cross-entropy over the unmasked examples (the L of the paper).
+
+  Args:
+    logits: ``[B, C]``.
+    labels: ``[B]`` integer labels.
+    mask: ``[B]``, False on padding; None for all examples.
+
+  Returns:
+    A scalar, in float32 or wider.
+  """
+  logits = jnp.asarray(logits)
+  logits = logits.astype(jnp.result_type(logits.dtype, jnp.float32))
+  ce = optax.softmax_cross_entropy_with_integer_labels(
+    logits, jnp.asarray(labels)
+  )
+  if mask is None:
+    return jnp.mean(ce)
+  m = jnp.asarray(mask).astype(ce.dtype)
+  return jnp.sum(ce * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def loss_at(
+  model: nn.Module,
+  variables: Any,
+  z: Mapping[str, Mapping[str, ArrayLike]],
+  batch: Batch,
+  *,
+  apply_kwargs: Mapping[str, Any] = ranges_lib.EVAL_KWARGS,
+) -> jax.Array:
+  """L(z): the masked mean cross-entropy of :func:`apply_at` on ``batch``.
+
+  ``functools.partial(loss_at, model, variables)`` is a ``(z, batch) -> L``
+  function for :func:`hvp` and :func:`expansion_terms`.
+
+  Args:
+    model: A linen model.
+    variables: Its variables (folded or plain).
+    z: The point (see :func:`apply_at`).
+    batch: ``{"image", "label"}`` and optionally ``"mask"``.
+    apply_kwargs: Evaluation-mode arguments of ``model.apply``.
+
+  Returns:
+    The scalar loss.
+  """
+  logits = apply_at(
+    model, variables, z, batch["image"], apply_kwargs=apply_kwargs
+  )
+  return cross_entropy(logits, batch["label"], batch.get("mask"))
+
+
+# ---------------------------------------------------------------------------
+# Tree algebra, Hessian-vector product, expansion terms.
+# ---------------------------------------------------------------------------
+
+
+def _cast_like(tree: PyTree, like: PyTree) -> PyTree:
+  # jax.jvp needs tangents of the primals' dtypes.
+  return jax.tree.map(
+    lambda t, p: jnp.asarray(t, jnp.asarray(p).dtype), tree, like
+  )
+
+
+def _tree_sum(values: Iterable[jax.Array]) -> jax.Array:
+  values = list(values)
+  if not values:
+    return jnp.zeros((), jnp.float32)
+  return functools.reduce(jnp.add, values)
+
+
+def inner(a: PyTree, b: PyTree) -> jax.Array:
+  """⟨a, b⟩ summed over every leaf of two trees of the same structure."""
+
+  def dot(x, y):
+    x, y = jnp.asarray(x), jnp.asarray(y)
+    dtype = jnp.result_type(x.dtype, y.dtype, jnp.float32)
+    return jnp.sum(x.astype(dtype) * y.astype(dtype))
+
+  return _tree_sum(jax.tree.leaves(jax.tree.map(dot, a, b)))
+
+
+def hvp(
+  loss_fn: Callable[..., jax.Array], z: PyTree, v: PyTree, *args: Any
+) -> tuple[PyTree, PyTree]:
+  """Gradient and Hessian-vector product of ``loss_fn`` at ``z`` along ``v``.
+
+  Forward-over-reverse, ``jax.jvp(jax.grad(loss_fn), (z,), (v,))``: the JAX
+  autodiff cookbook's HVP, about the cost of two gradients, no Hessian is
+  formed. With ``z`` from :func:`expansion_point` this is the Hessian over
+  (weights, activation points) jointly, cross terms included.
+
+  Args:
+    loss_fn: ``(z, *args) -> scalar``.
+    z: The point.
+    v: The direction, shaped like ``z`` (cast to its dtypes).
+    *args: Further arguments of ``loss_fn`` (e.g. the batch); not
+      differentiated.
+
+  Returns:
+    ``(∇L(z), H(z)·v)``, both shaped like ``z``.
+  """
+  grad_fn = lambda z_: jax.grad(loss_fn)(z_, *args)
+  return jax.jvp(grad_fn, (z,), (_cast_like(v, z),))
+
+
+def worst_case_bound(grad: PyTree, step: PyTree) -> jax.Array:
+  """Σ (Δ/2)·|∇L|: the largest first-order term over |δ| ≤ Δ/2 (paper eq. 2).
+
+  Args:
+    grad: ∇L, e.g. ``{"weights": ..., "acts": ...}``.
+    step: Bin widths Δ with the structure of ``grad``, each leaf
+      broadcastable to its gradient leaf (a scalar per tensor, or per
+      channel). A zero Δ excludes that tensor (it is not quantized).
+
+  Returns:
+    The bound, a scalar.
+  """
+
+  def term(g, s):
+    g = jnp.asarray(g)
+    dtype = jnp.result_type(g.dtype, jnp.float32)
+    return jnp.sum(0.5 * jnp.asarray(s, dtype) * jnp.abs(g.astype(dtype)))
+
+  return _tree_sum(jax.tree.leaves(jax.tree.map(term, grad, step)))
+
+
+def worst_case_perturbation(grad: PyTree, step: PyTree) -> PyTree:
+  """δ* = (Δ/2)·sign(∇L), the perturbation attaining :func:`worst_case_bound`."""
+  return jax.tree.map(
+    lambda g, s: (0.5 * jnp.asarray(s, jnp.asarray(g).dtype)) * jnp.sign(g),
+    grad,
+    step,
+  )
+
+
+def expansion_terms(
+  loss_fn: Callable[..., jax.Array],
+  z: PyTree,
+  delta: PyTree,
+  step: PyTree,
+  *args: Any,
+) -> dict[str, jax.Array]:
+  """Every term of the loss expansion for the perturbation ``delta``.
+
+  One loss at ``z``, one at ``z + delta``, one HVP (which also gives ∇L).
+
+  Args:
+    loss_fn: ``(z, *args) -> scalar``.
+    z: The point (float model).
+    delta: The perturbation δ, shaped like ``z``.
+    step: Bin widths Δ (see :func:`worst_case_bound`), for the bound.
+    *args: Further arguments of ``loss_fn`` (e.g. the batch).
+
+  Returns:
+    Scalars ``loss`` L(z), ``perturbed_loss`` L(z+δ), ``induced`` their
+    difference, ``first_order`` ⟨δ, ∇L⟩, ``curvature`` ½·δᵀHδ,
+    ``second_order`` their sum, ``bound`` Σ (Δ/2)·|∇L|.
+  """
+  delta = _cast_like(delta, z)
+  loss = loss_fn(z, *args)
+  grad, h_delta = hvp(loss_fn, z, delta, *args)
+  moved = jax.tree.map(jnp.add, z, delta)
+  perturbed_loss = loss_fn(moved, *args)
+  first = inner(delta, grad)
+  curvature = 0.5 * inner(delta, h_delta)
+  return {
+    "loss": loss,
+    "perturbed_loss": perturbed_loss,
+    "induced": perturbed_loss - loss,
+    "first_order": first,
+    "curvature": curvature,
+    "second_order": first + curvature,
+    "bound": worst_case_bound(grad, step),
+  }
+
+
+def gradient_norms(grad: Mapping[str, PyTree]) -> dict[str, jax.Array]:
+  """‖∇_W L‖₁, ‖∇_W L‖₂, ‖∇_A L‖₁, ‖∇_A L‖₂ of a ``{"weights", "acts"}`` tree.
+
+  The names are those of the training log (``weight_grad_l1``, …); with a
+  mean loss, ‖∇_A L‖₁ is the mean over examples of per-example norms.
+  """
+  return penalty.gradient_norms(grad["weights"], grad["acts"])
+
+
+def kl_divergence(
+  float_logits: ArrayLike,
+  quant_logits: ArrayLike,
+  mask: ArrayLike | None = None,
+) -> jax.Array:
+  """Mean KL(p_float ‖ p_quant) over unmasked examples, nats (paper Fig. 2)."""
+  kl = ptq.kl_per_example(float_logits, quant_logits)
+  if mask is None:
+    return jnp.mean(kl)
+  m = jnp.asarray(mask, jnp.float32)
+  return jnp.sum(kl * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+# ---------------------------------------------------------------------------
+# Quantization noise.
+# ---------------------------------------------------------------------------
+
+
+class QuantNoise(NamedTuple):
+  """The quantization noise of a model at given bit-widths.
+
+  Attributes:
+    delta: δ, shaped like :func:`expansion_point`'s ``z``: Q(W) − W per
+      kernel, Q(x') − x' per activation point (zeros where not quantized).
+    step: Bin widths Δ with the structure of ``delta``: per kernel a scalar
+      (per tensor) or ``(1, …, C)`` (per channel), per activation point a
+      scalar; 0 where not quantized.
+    logits: The logits of the quantized network the noise was recorded in.
+  """
+
+  delta: dict[str, dict[str, jax.Array]]
+  step: dict[str, dict[str, jax.Array]]
+  logits: jax.Array
+
+
+def weight_noise(
+  weights: Mapping[str, ArrayLike],
+  bits: ArrayLike,
+  *,
+  per_channel: bool = False,
+) -> tuple[dict[str, jax.Array], dict[str, jax.Array], dict[str, jax.Array]]:
+  """Quantizes kernels exactly as :func:`l1grad.ptq.quantize_params` does.
+
+  Args:
+    weights: ``{layer: kernel}``.
+    bits: Weight bit-width (may be traced).
+    per_channel: One scale per output channel (last axis).
+
+  Returns:
+    ``(quantized, delta, step)``: Q(W), Q(W) − W and Δ per kernel.
+  """
+  quantized, delta, step = {}, {}, {}
+  for name, w in weights.items():
+    w = jnp.asarray(w)
+    scale = quant.kernel_scale(w, bits, per_channel=per_channel)
+    q = quant.fake_quant(w, bits, scale, signed=True)
+    quantized[name] = q
+    delta[name] = q - w
+    step[name] = scale.astype(w.dtype)
+  return quantized, delta, step
+
+
+# Bin width Δ of an activation for a range (the quantizer's own formula).
+activation_step = quant.activation_scale
+
+
+def quantization_noise(
+  model: nn.Module,
+  variables: Any,
+  images: ArrayLike,
+  w_bits: ArrayLike,
+  a_bits: ArrayLike,
+  ranges: Mapping[str, tuple[ArrayLike, ArrayLike]] | None,
+  *,
+  weights: ArrayLike = True,
+  activations: ArrayLike = True,
+  per_channel: bool = False,
+  apply_kwargs: Mapping[str, Any] = ranges_lib.EVAL_KWARGS,
+) -> QuantNoise:
+  """The noise tree of the model quantized at (``w_bits``, ``a_bits``).
+
+  Runs the quantized network once, as post-training quantization does
+  (kernels by :func:`weight_noise`, activations by
+  :func:`l1grad.quant.quantize_activation` at every perturbation point) and
+  records δ = Q(x') − x' at each point, x' being what arrives there in the
+  quantized network. The float network with ``z + delta`` therefore computes
+  the quantized network's logits (up to float rounding).
+
+  Args:
+    model: A linen model.
+    variables: Float variables as evaluated (folded or plain).
+    images: The input batch.
+    w_bits: Weight bit-width (may be traced).
+    a_bits: Activation bit-width (may be traced).
+    ranges: ``{point: (low, high)}`` fixed activation ranges (from
+      :func:`l1grad.ranges.bn_activation_ranges` or calibration), or None for
+      each batch's own min/max.
+    weights: Quantize the weights (a bool; may be traced, so that one
+      compile serves weights-only, activations-only and both).
+    activations: Quantize the activations (likewise).
+    per_channel: Per-output-channel weight scales.
+    apply_kwargs: Evaluation-mode arguments of ``model.apply``.
+
+  Returns:
+    The noise, the bin widths and the quantized logits.
+  """
+  w_on = jnp.asarray(weights, bool)
+  a_on = jnp.asarray(activations, bool)
+  kernels, merge = params_lib.split_kernels(_params(variables))
+  q_w, _, s_w = weight_noise(kernels, w_bits, per_channel=per_channel)
+  # The quantized network uses Q(W) itself (not W + δ), as PTQ does.
+  used = {k: jnp.where(w_on, q_w[k], kernels[k]) for k in kernels}
+  d_w = {k: used[k] - kernels[k] for k in kernels}
+  s_w = {k: jnp.where(w_on, s, jnp.zeros_like(s)) for k, s in s_w.items()}
+
+  d_a: dict[str, jax.Array] = {}
+  s_a: dict[str, jax.Array] = {}
+
+  def quantize(key: str, x: jax.Array) -> jax.Array:
+    if ranges is None:
+      low, high = quant.dynamic_range(x)
+    else:
+      low, high = ranges[key]
+    q = jnp.where(a_on, quant.quantize_activation(x, a_bits, low, high), x)
+    d_a[key] = q - x
+    step = activation_step(a_bits, low, high)
+    s_a[key] = jnp.where(a_on, step, jnp.zeros_like(step)).astype(x.dtype)
+    return q
+
+  with perturb.transform_layer_inputs(quantize):
+    logits = ranges_lib.apply_model(
+      model,
+      _with_params(variables, merge(used)),
+      jnp.asarray(images),
+      apply_kwargs,
+    )
+  return QuantNoise(
+    {"weights": d_w, "acts": d_a}, {"weights": s_w, "acts": s_a}, logits
+  )
+
+
+def noise_histogram(
+  delta: ArrayLike,
+  step: ArrayLike,
+  *,
+  mask: ArrayLike | None = None,
+  num_bins: int = NUM_BINS,
+  limit: float = HIST_LIMIT,
+) -> dict[str, jax.Array]:
+  """Histogram and moments of the normalised noise δ/Δ of one tensor (Fig. 6).
+
+  Rounding noise lies in [−½, ½] (uniform for the paper's model); values
+  clipped by a fixed range fall outside and are counted in ``clipped`` (and
+  pile up in the edge bins, the histogram spanning [−limit, limit]).
+
+  Args:
+    delta: δ of one tensor.
+    step: Its Δ, broadcastable to ``delta``; where Δ = 0, δ/Δ is taken as 0.
+    mask: ``[B]`` example mask for an activation (batch axis first).
+    num_bins: Number of bins.
+    limit: The histogram spans [−limit, limit]; values beyond go to the edges.
+
+  Returns:
+    ``counts`` (``[num_bins]``), ``n`` (elements counted), ``zeros`` (δ
+    exactly 0, e.g. ReLU zeros that stay 0), ``clipped`` (|δ/Δ| > ½),
+    ``sum`` and ``sum_sq`` of δ/Δ, ``max_abs`` of δ/Δ.
+  """
+  delta = jnp.asarray(delta, jnp.float32)
+  step = jnp.broadcast_to(jnp.asarray(step, jnp.float32), delta.shape)
+  r = jnp.where(step > 0, delta / jnp.where(step > 0, step, 1.0), 0.0)
+  if mask is None:
+    w = jnp.ones_like(r)
+  else:
+    m = jnp.asarray(mask, jnp.float32)
+    w = jnp.broadcast_to(m.reshape(m.shape + (1,) * (r.ndim - 1)), r.shape)
+  counts, _ = jnp.histogram(
+    jnp.clip(r, -limit, limit), bins=num_bins, range=(-limit, limit), weights=w
+  )
+  return {
+    "counts": counts,
+    "n": jnp.sum(w),
+    "zeros": jnp.sum(w * (delta == 0)),
+    "clipped": jnp.sum(w * (jnp.abs(r) > 0.5 + CLIP_TOLERANCE)),
+    "sum": jnp.sum(w * r),
+    "sum_sq": jnp.sum(w * r * r),
+    "max_abs": jnp.max(jnp.where(w > 0, jnp.abs(r), 0.0)),
+  }
