@@ -2,6 +2,7 @@ r"""Post-training quantization of trained runs: the paper's table at every bit-w
 
   python eval_ptq.py --workdir runs/digits [--workdir runs/digits_l1 ...] \
       [--bits 8:4,6:4,4:4] [--act_ranges bn|calibrate] [--per_channel] \
+      [--first_last_bits 8] [--act_points layer_inputs|tensors] \
       [--group_by run|method|reg.kind,reg.weight_coef] \
       [--export 4:4 --export_dir exported/digits_w4a4]
 
@@ -51,6 +52,23 @@ _PER_CHANNEL = flags.DEFINE_bool(
   "per_channel",
   False,
   "Weight scales per output channel (default: per tensor).",
+)
+_FIRST_LAST_BITS = flags.DEFINE_integer(
+  "first_last_bits",
+  0,
+  "Keep the first and last Conv/Dense layers (in call order) at this many"
+  " bits, or more where W:A has more: their weights and the last layer's"
+  " input activation (8: the convention of many deployments and PTQ"
+  " baselines). 0 (default): every layer at W:A, the paper's setting.",
+)
+_ACT_POINTS = flags.DEFINE_enum(
+  "act_points",
+  "layer_inputs",
+  ["layer_inputs", "tensors"],
+  "Where activations are quantized: 'layer_inputs' (default) where the"
+  " Conv/Dense layers read them, so a ResNet identity shortcut adds the float"
+  " block input; 'tensors' once for every reader, the residual add included,"
+  " as an integer deployment that stores each tensor once.",
 )
 _FOLD = flags.DEFINE_bool(
   "fold",
@@ -108,6 +126,8 @@ def _settings() -> ptq.Settings:
     bits=tuple(bits.parse_pairs(_BITS.value)),
     act_ranges=_ACT_RANGES.value,
     per_channel=_PER_CHANNEL.value,
+    first_last_bits=_FIRST_LAST_BITS.value,
+    act_points=_ACT_POINTS.value,
     fold=_FOLD.value,
     calib_batches=_CALIB_BATCHES.value,
     max_examples=_MAX_EXAMPLES.value,
@@ -161,6 +181,17 @@ def _run() -> None:
     if not _EXPORT_DIR.value:
       raise ConfigError(
         "--export needs --export_dir, the folder to write the integer model to."
+      )
+    if settings.first_last_bits:
+      raise ConfigError(
+        "--export writes every layer at the --export W:A; it does not support"
+        " --first_last_bits yet. Export without it."
+      )
+    if settings.act_points != "layer_inputs":
+      raise ConfigError(
+        "--export quantizes activations where the Conv/Dense layers read"
+        " them; it does not support --act_points tensors yet. Export without"
+        " it."
       )
   if export_pair is not None and not flags.FLAGS["bits"].present:
     print(

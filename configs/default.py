@@ -47,6 +47,13 @@ def get_config() -> ml_collections.ConfigDict:
   )  # λ_a; -1: same as weight_coef (the paper's one λ).
   config.reg.method = "hvp"  # "hvp", "reverse" or "finite_difference".
   config.reg.fd_step = 1e-3  # probe distance of "finite_difference".
+  # Where the activation term reads A: "layer_inputs" (the Conv/Dense inputs,
+  # where those layers read them) or "tensors" (each such tensor perturbed
+  # once for every reader, a ResNet identity shortcut's add included).
+  config.reg.points = "layer_inputs"
+  # ord 2 only: "batch_mean" uses sqrt(B)·‖∇_A L‖₂, which does not change when
+  # the batch is duplicated; "none" (the paper's) shrinks as 1/sqrt(k).
+  config.reg.act_norm = "none"
   # Regularize only the last N epochs (the paper: 15); -1: every epoch.
   config.reg.last_epochs = -1
 
@@ -57,6 +64,18 @@ def get_config() -> ml_collections.ConfigDict:
   # STE quantization-aware training at a fixed "W:A" (e.g. "4:4"); "" = off.
   config.qat = ml_collections.ConfigDict()
   config.qat.bits = ""
+  # What STE training simulates (l1grad/qat.py, docs/method.md §4):
+  # "folded": what PTQ evaluates: kernels quantized with batch norm folded in
+  #   (running statistics), activations on the BN-derived (DFQ) ranges of the
+  #   current parameters; "unfolded": the unfolded kernels quantized, BN in
+  #   float, activations on each batch's min/max (the earlier scheme).
+  config.qat.scheme = "folded"
+  # "folded": the fraction of the steps, at the end, that run with batch norm
+  # frozen at its running statistics (the forward pass is then exactly the
+  # PTQ one); before, BN normalizes with the batch statistics of the quantized
+  # conv. -1: all steps when fine-tuning (init_from: the statistics are
+  # already those of a trained model; best on digits), else the last 0.2.
+  config.qat.freeze_bn_fraction = -1.0
 
   # Logging, evaluation and checkpoints.
   config.log_every_steps = 50

@@ -17,10 +17,13 @@ from l1grad import bits as bits_lib
 from l1grad import data
 from l1grad import models
 from l1grad import penalty
+from l1grad import perturb
+from l1grad import qat
 from l1grad.errors import ConfigError
 
 REG_KINDS = ("none", "l1", "l2", "dq")
 REG_METHODS = penalty.METHODS
+QAT_SCHEMES = qat.SCHEMES
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
 DATASETS = data.DATASETS
@@ -38,6 +41,12 @@ _RUN_NEUTRAL = (
   "max_eval_examples",
   "track_act_grad",
 )
+
+
+# What a stored config without the field ran as (STE before the folded
+# scheme existed).
+_LEGACY_FIELDS = {"qat.scheme": "unfolded"}
+_QAT_FIELDS = ("qat.scheme", "qat.freeze_bn_fraction")
 
 
 def act_coef(config: ml_collections.ConfigDict) -> float:
@@ -119,6 +128,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
   reg = config.reg
   _check_choice("reg.kind", reg.kind, REG_KINDS, "regularization")
   _check_choice("reg.method", reg.method, REG_METHODS, "method")
+  _check_choice(
+    "reg.points",
+    reg.get("points", "layer_inputs"),
+    perturb.POINTS,
+    "activation point convention",
+  )
+  _check_choice(
+    "reg.act_norm",
+    reg.get("act_norm", "none"),
+    penalty.ACT_NORMS,
+    "activation-term normalisation",
+  )
   if reg.weight_coef < 0:
     _fail(
       "reg.weight_coef",
@@ -176,6 +197,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
       bits_lib.parse_pair(config.qat.bits)
     except ConfigError as e:
       raise ConfigError(f"config.qat.bits: {e}") from None
+  _check_choice("qat.scheme", config.qat.scheme, QAT_SCHEMES, "STE scheme")
+  freeze = config.qat.freeze_bn_fraction
+  if freeze != -1 and not 0.0 <= freeze <= 1.0:
+    _fail(
+      "qat.freeze_bn_fraction",
+      f"must be between 0 and 1, got {freeze}.",
+      "Use the fraction of the steps that run with frozen batch norm,"
+      " or -1 (all when fine-tuning, the last 20 % otherwise).",
+    )
   _check_choice("optimizer", config.optimizer, OPTIMIZERS, "optimizer")
   _check_choice("schedule", config.schedule, SCHEDULES, "schedule")
   if config.learning_rate <= 0:
@@ -249,6 +279,20 @@ def check_same_run(
 ) -> None:
   """Refuses to resume a workdir whose checkpoints come from another config."""
   now, then = _flat_fields(config), _flat_fields(stored)
+  # A run stored before a field existed ran as that field's legacy value;
+  # the STE fields matter only to STE runs, the freeze only to folded ones.
+  then = {**_LEGACY_FIELDS, **then}
+  ignored = ()
+  if not now.get("qat.bits") and not then.get("qat.bits"):
+    ignored = _QAT_FIELDS
+  elif "folded" not in (now.get("qat.scheme"), then.get("qat.scheme")):
+    ignored = ("qat.freeze_bn_fraction",)
+  for k in ignored:
+    now.pop(k, None)
+    then.pop(k, None)
+  # Stored before reg.points existed: the layer-input convention.
+  then.setdefault("reg.points", "layer_inputs")
+  then.setdefault("reg.act_norm", "none")
   diffs = [
     f"{k}: checkpoint {then.get(k)!r}, now {now.get(k)!r}"
     for k in sorted(set(now) | set(then))

@@ -357,7 +357,8 @@ def gradient_norms(grad: Mapping[str, PyTree]) -> dict[str, jax.Array]:
   """‖∇_W L‖₁, ‖∇_W L‖₂, ‖∇_A L‖₁, ‖∇_A L‖₂ of a ``{"weights", "acts"}`` tree.
 
   The names are those of the training log (``weight_grad_l1``, …); with a
-  mean loss, ‖∇_A L‖₁ is the mean over examples of per-example norms.
+  mean loss and batch norm in eval mode (as here), ‖∇_A L‖₁ is the mean over
+  examples of per-example norms (in train mode it is not: docs/method.md §1).
   """
   return penalty.gradient_norms(grad["weights"], grad["acts"])
 

@@ -3,9 +3,25 @@
 W are the kernels of every ``nn.Conv`` / ``nn.Dense`` (leaves named
 ``kernel``, :func:`l1grad.params.split_kernels`), A the activation
 perturbation points of :mod:`l1grad.perturb`.
-With L the batch-mean loss, ∇_A L holds each example's activation gradient
-divided by the batch size, so ‖∇_A L‖₁ is the mean over examples of the
-per-example norms and does not depend on the batch size.
+The activation term is the norm of ∇_A L, the gradient of the batch-mean loss
+L = (1/B)·Σⱼ ℓⱼ with respect to the whole batch's activations
+(docs/method.md §1):
+
+* batch norm in eval mode, or none: example i's activations aᵢ reach ℓᵢ
+  only, so ∇_{aᵢ} L = (1/B)·∂ℓᵢ/∂aᵢ and ‖∇_A L‖₁ is the mean over examples of
+  the per-example norms ‖∂ℓᵢ/∂aᵢ‖₁: it does not depend on the batch size;
+* batch norm in train mode: aᵢ also moves the batch statistics that normalize
+  every example, so ∇_{aᵢ} L = (1/B)·Σⱼ ∂ℓⱼ/∂aᵢ carries the other examples'
+  terms too, and ‖∇_A L‖₁ differs from the mean of the per-example norms
+  (16 % above it on the trained digits CNN). It is still exactly the
+  paper's objective, the norm of the gradient of the batch loss;
+* either way, a batch duplicated k times gives each copy 1/k of the
+  gradient: the ℓ1 term is unchanged, the ℓ2 term ‖∇_A L‖₂ shrinks as
+  1/√k, so an ℓ2 λ_a does not carry over between batch sizes.
+  ``act_norm="batch_mean"`` makes the ℓ2 term √B·‖∇_A L‖₂ (in eval mode the
+  root mean square over examples of ‖∂ℓᵢ/∂aᵢ‖₂), which duplication leaves
+  unchanged. The weight term, the norm of the mean loss's gradient, is
+  unchanged by duplication in either norm.
 
 The gradient of the penalty is one Hessian-vector product: with z = (W, A),
 ∇_θ λ‖∇_z L‖₁ = H_θz · (λ·sign(∇_z L)) (sign has zero derivative almost
@@ -34,6 +50,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 import contextlib
+import math
 from typing import Any
 
 import jax
@@ -43,6 +60,7 @@ from l1grad import params as params_lib
 from l1grad import perturb
 
 __all__ = [
+  "ACT_NORMS",
   "HVP_IMPLS",
   "METHODS",
   "gradient_norms",
@@ -50,6 +68,8 @@ __all__ = [
 ]
 
 METHODS = ("hvp", "reverse", "finite_difference")
+# How the activation term is normalized (see the module docstring).
+ACT_NORMS = ("none", "batch_mean")
 # How method "hvp" is computed (see the module docstring).
 HVP_IMPLS = ("linearize", "jvp")
 
@@ -125,6 +145,17 @@ def _norm(tree: PyTree, ord: int) -> jax.Array:
   return _l1(tree) if ord == 1 else _l2(tree)
 
 
+def _batch_size(shapes: dict[str, jax.ShapeDtypeStruct]) -> int:
+  """B, the leading axis every activation point shares."""
+  sizes = {s.shape[0] if s.shape else None for s in shapes.values()}
+  if len(sizes) != 1 or None in sizes:
+    raise ValueError(
+      'act_norm="batch_mean" needs activation points that all lead with the'
+      f" batch axis; their leading sizes are {sorted(map(str, sizes))}."
+    )
+  return sizes.pop()
+
+
 def value_and_grad(
   loss_fn: Callable[..., Any],
   *,
@@ -136,6 +167,8 @@ def value_and_grad(
   fd_step: float = 1e-3,
   track_activations: bool = True,
   hvp_impl: str = "linearize",
+  points: str = "layer_inputs",
+  act_norm: str = "none",
 ) -> Callable[..., Any]:
   """Like ``jax.value_and_grad(loss_fn)``, for the loss plus gradient-norm penalty.
 
@@ -160,6 +193,20 @@ def value_and_grad(
       the product) or ``"jvp"`` (the gradient, then ``jax.jvp`` of the
       gradient function, which recomputes it). The same step either way, up
       to float rounding; the second is there to measure the difference.
+    points: where A is read (:data:`l1grad.perturb.POINTS`):
+      ``"layer_inputs"`` (the Conv/Dense inputs, where those layers read
+      them) or ``"tensors"`` (the same tensors, perturbed once for every
+      reader: ∇_A L then includes the share of a ResNet block's identity
+      shortcut). Same points, keys and loss; only ∇_A L differs, on models
+      with such shortcuts.
+    act_norm: ``"none"`` (default): the activation term is λ_a·‖∇_A L‖ of
+      the batch-mean loss as it is. ``"batch_mean"``: a mean over the
+      batch's examples, whatever the batch size: for ``ord=2`` the term
+      becomes λ_a·√B·‖∇_A L‖₂ (B the activations' leading axis; the root
+      mean square of the per-example norms with batch norm in eval mode),
+      unchanged when the batch is duplicated, so an ℓ2 λ_a carries over
+      between batch sizes; for ``ord=1`` nothing changes (‖∇_A L‖₁ already
+      is such a mean). The logged ``act_grad_l2`` stays ‖∇_A L‖₂.
 
   Returns:
     ``(params, *args) -> (total, grads)``, or with ``has_aux``
@@ -171,24 +218,39 @@ def value_and_grad(
   """
   if ord not in (1, 2):
     raise ValueError(f"ord must be 1 or 2, got {ord!r}.")
+  if act_norm not in ACT_NORMS:
+    raise ValueError(f"act_norm must be one of {ACT_NORMS}, got {act_norm!r}.")
   if method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
   if hvp_impl not in HVP_IMPLS:
     raise ValueError(f"hvp_impl must be one of {HVP_IMPLS}, got {hvp_impl!r}.")
+  if points not in perturb.POINTS:
+    raise ValueError(f"points must be one of {perturb.POINTS}, got {points!r}.")
   use_w = not _is_static_zero(weight_coef)
   use_a = not _is_static_zero(act_coef)
   with_points = use_a or track_activations
 
   def wrapped(params: PyTree, *args: Any):
-    def loss_params_eps(p, e):
-      with perturb.perturbed(e) if with_points else contextlib.nullcontext():
-        out = loss_fn(p, *args)
-      return out if has_aux else (out, None)
-
-    eps = {}
+    eps, sites = {}, None
     if with_points:
       shapes = perturb.activation_shapes(lambda p: loss_fn(p, *args), params)
       eps = perturb.zero_perturbations(shapes)
+      sites = perturb.point_sites(points, lambda p: loss_fn(p, *args), params)
+
+    def loss_params_eps(p, e):
+      with (
+        perturb.perturbed(e, sites=sites)
+        if with_points
+        else contextlib.nullcontext()
+      ):
+        out = loss_fn(p, *args)
+      return out if has_aux else (out, None)
+
+    a_coef = act_coef
+    if use_a and ord == 2 and act_norm == "batch_mean":
+      a_coef = jnp.asarray(act_coef, jnp.float32) * math.sqrt(
+        _batch_size(shapes)
+      )
 
     named, merge = params_lib.split_kernels(params)
     names = list(named)
@@ -235,7 +297,7 @@ def value_and_grad(
       )
     if use_a:
       a_pen, t_a = _penalty_and_tangent(
-        g_eps, norms["act_grad_l1"], norms["act_grad_l2"], act_coef, ord
+        g_eps, norms["act_grad_l1"], norms["act_grad_l2"], a_coef, ord
       )
     penalty = w_pen + a_pen
 
@@ -245,7 +307,7 @@ def value_and_grad(
       grads = jax.tree.map(jnp.add, g_params, hv)
     elif method == "reverse" and (use_w or use_a):
       grads = _reverse_grad(
-        loss_params_eps, params, eps, weight_coef, act_coef, use_w, use_a, ord
+        loss_params_eps, params, eps, weight_coef, a_coef, use_w, use_a, ord
       )
     elif use_w or use_a:
       hv = _penalty_grad(

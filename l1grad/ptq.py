@@ -9,7 +9,10 @@ integer model would compute (docs/method.md §2):
   (:func:`l1grad.runs.prepare_variables`); folded biases stay in float, like
   the int32 accumulators of an integer kernel;
 * every kernel, first and last layer included, quantized symmetrically per
-  tensor (or per output channel) by :func:`quantize_params`;
+  tensor (or per output channel) by :func:`quantize_params`; or, with
+  ``first_last_bits`` (``--first_last_bits 8``), the first and last
+  Conv/Dense in call order and the last one's input kept at 8 bits while the
+  rest follow (W, A) (:func:`first_last_layers`, :func:`layer_bits`);
 * activations fake-quantized at exactly the perturbation points of the
   penalty (inputs of every Conv/Dense but the first), through
   :func:`l1grad.quant.quantized_activations`: the interception of
@@ -49,6 +52,7 @@ from l1grad import bits as bits_lib
 from l1grad import errors
 from l1grad import fold
 from l1grad import params as params_lib
+from l1grad import perturb
 from l1grad import quant
 from l1grad import ranges as ranges_lib
 from l1grad import report as report_lib
@@ -57,14 +61,17 @@ from l1grad import runs
 __all__ = [
   "DEFAULT_BITS",
   "Evaluator",
+  "FirstLast",
   "PairStats",
   "RunResult",
   "Settings",
   "cached_evaluator",
   "evaluate",
   "evaluate_prepared",
+  "first_last_layers",
   "kernel_scale",
   "kl_per_example",
+  "layer_bits",
   "quantize_params",
   "quantize_variables",
   "quantized_apply",
@@ -85,11 +92,16 @@ class Settings(runs.Settings):
   """How to quantize and evaluate (the flags of ``eval_ptq.py``).
 
   The fields of :class:`l1grad.runs.Settings` (bits, act_ranges, per_channel,
-  fold, calib_batches, batch_size, num_std, step), with the paper's columns
-  as the default bits, and:
+  fold, first_last_bits, calib_batches, batch_size, num_std, step), with the
+  paper's columns as the default bits, and:
 
   Attributes:
     max_examples: Evaluate on the first examples of the test split only.
+    act_points: Where activations are quantized
+      (:data:`l1grad.perturb.POINTS`): ``"layer_inputs"`` (where the
+      Conv/Dense layers read them; a ResNet identity shortcut reads the float
+      tensor) or ``"tensors"`` (once for every reader, the residual add
+      included, as an integer deployment stores the tensor once).
   """
 
   JSON_FIELDS: ClassVar[tuple[str, ...]] = (
@@ -97,21 +109,29 @@ class Settings(runs.Settings):
     "act_ranges",
     "per_channel",
     "fold",
+    "first_last_bits",
     "calib_batches",
     "max_examples",
     "batch_size",
     "num_std",
     "step",
+    "act_points",
   )
 
   bits: tuple[Pair, ...] = tuple(bits_lib.parse_pairs(DEFAULT_BITS))
   max_examples: int | None = None
+  act_points: str = "layer_inputs"
 
   def __post_init__(self):
     super().__post_init__()
     if self.max_examples is not None and self.max_examples < 1:
       raise errors.ConfigError(
         f"--max_examples must be >= 1, got {self.max_examples}."
+      )
+    if self.act_points not in perturb.POINTS:
+      raise errors.ConfigError(
+        f"--act_points must be one of {', '.join(perturb.POINTS)}, got"
+        f" {self.act_points!r}."
       )
 
 
@@ -125,20 +145,140 @@ quantize_params = quant.quantize_kernels
 kernel_scale = quant.kernel_scale
 
 
+def _quantize_layers(
+  params: Any,
+  bits: ArrayLike,
+  per_channel: bool,
+  layer_bits: Mapping[str, ArrayLike] | None,
+) -> Any:
+  if not layer_bits:
+    return quantize_params(params, bits, per_channel=per_channel)
+  kernels, merge = params_lib.split_kernels(params)
+  unknown = sorted(set(layer_bits) - set(kernels))
+  if unknown:
+    raise KeyError(
+      f"No kernels named {unknown}; the kernels are {list(kernels)}."
+    )
+  # Each kernel through the one weight quantizer, at its own bit-width.
+  return merge(
+    {
+      name: quantize_params(
+        {"kernel": k}, layer_bits.get(name, bits), per_channel=per_channel
+      )["kernel"]
+      for name, k in kernels.items()
+    }
+  )
+
+
 def quantize_variables(
-  variables: EvalVariables, bits: ArrayLike, *, per_channel: bool = False
+  variables: EvalVariables,
+  bits: ArrayLike,
+  *,
+  per_channel: bool = False,
+  layer_bits: Mapping[str, ArrayLike] | None = None,
 ) -> EvalVariables:
-  """:func:`quantize_params` applied to folded or plain variables."""
+  """:func:`quantize_params` applied to folded or plain variables.
+
+  Args:
+    variables: Folded (:class:`l1grad.fold.FoldedVariables`) or plain.
+    bits: Weight bit-width (may be traced).
+    per_channel: Per-output-channel scales.
+    layer_bits: ``{layer name: bits}`` for the kernels quantized at another
+      bit-width than ``bits`` (:func:`layer_bits`); may be traced.
+
+  Returns:
+    The variables with quantized kernels.
+  """
   if isinstance(variables, fold.FoldedVariables):
     return variables.replace(
-      params=quantize_params(variables.params, bits, per_channel=per_channel)
+      params=_quantize_layers(variables.params, bits, per_channel, layer_bits)
     )
   return {
     **variables,
-    "params": quantize_params(
-      variables["params"], bits, per_channel=per_channel
+    "params": _quantize_layers(
+      variables["params"], bits, per_channel, layer_bits
     ),
   }
+
+
+class FirstLast(NamedTuple):
+  """The network's first and last Conv/Dense layers, in call order.
+
+  Attributes:
+    first: The first layer called (it reads the network input).
+    last: The last layer called (the classifier head).
+    last_input: The activation point the last layer reads (None if it reads
+      the network input, a one-layer model).
+  """
+
+  first: str
+  last: str
+  last_input: str | None
+
+
+def first_last_layers(
+  model: nn.Module,
+  variables: EvalVariables,
+  images: ArrayLike,
+  apply_kwargs: Mapping[str, Any] = ranges_lib.EVAL_KWARGS,
+) -> FirstLast:
+  """The first and last Conv/Dense of ``model`` in call order (not dict order).
+
+  Found by :func:`l1grad.perturb.layer_inputs` (traced, nothing computed), so
+  the first layer is the one that reads the image and the last the one that
+  writes the logits, whatever their names.
+
+  Raises:
+    ValueError: The model calls no Conv/Dense layer.
+  """
+  calls = perturb.layer_inputs(
+    lambda v, x: ranges_lib.apply_model(model, v, x, apply_kwargs),
+    variables,
+    images,
+  )
+  if not calls:
+    raise ValueError(f"{type(model).__name__} calls no Conv/Dense layer.")
+  return FirstLast(calls[0].layer, calls[-1].layer, calls[-1].point)
+
+
+def _at_least(bits: ArrayLike, floor: int) -> ArrayLike:
+  if isinstance(bits, int):
+    return max(bits, floor)
+  return jnp.maximum(bits, jnp.asarray(floor, jnp.asarray(bits).dtype))
+
+
+def layer_bits(
+  layers: FirstLast,
+  w_bits: ArrayLike,
+  a_bits: ArrayLike,
+  first_last_bits: int | None,
+) -> tuple[dict[str, ArrayLike], dict[str, ArrayLike]]:
+  """The bit-widths that differ from (W, A) under ``first_last_bits``.
+
+  The first and last layers' kernels and the last layer's input activation
+  get ``max(first_last_bits, W)`` (``max(first_last_bits, A)``): at least
+  ``first_last_bits``, never fewer than the other layers (so (16,16) stays
+  lossless). The network's input (the image) is not quantized either way.
+
+  Args:
+    layers: From :func:`first_last_layers`.
+    w_bits: Weight bits of the other layers (an int, or traced).
+    a_bits: Activation bits of the other points (an int, or traced).
+    first_last_bits: The bits to keep them at; None or 0: no override.
+
+  Returns:
+    ``({layer: weight bits}, {point: activation bits})``, for
+    :func:`quantize_variables`'s ``layer_bits`` and
+    :func:`quantized_apply`'s ``point_bits``; both empty when off.
+  """
+  if not first_last_bits:
+    return {}, {}
+  w = _at_least(w_bits, first_last_bits)
+  weights = {layers.first: w, layers.last: w}
+  acts = {}
+  if layers.last_input is not None:
+    acts[layers.last_input] = _at_least(a_bits, first_last_bits)
+  return weights, acts
 
 
 def quantized_apply(
@@ -148,6 +288,9 @@ def quantized_apply(
   a_bits: ArrayLike,
   images: ArrayLike,
   apply_kwargs: Mapping[str, Any] = ranges_lib.EVAL_KWARGS,
+  *,
+  point_bits: Mapping[str, ArrayLike] | None = None,
+  points: str = "layer_inputs",
 ) -> jax.Array:
   """Runs ``model`` with its activations fake-quantized at ``a_bits``.
 
@@ -163,11 +306,23 @@ def quantized_apply(
     a_bits: Activation bit-width (may be traced).
     images: A batch of inputs.
     apply_kwargs: Evaluation-mode arguments of ``model.apply``.
+    point_bits: ``{point: bits}`` for points quantized at another bit-width
+      than ``a_bits`` (:func:`layer_bits`).
+    points: Where activations are quantized, ``"layer_inputs"`` or
+      ``"tensors"`` (:attr:`Settings.act_points`).
 
   Returns:
     The logits.
   """
-  with quant.quantized_activations(a_bits, ranges):
+  sites = perturb.point_sites(
+    points,
+    lambda v, x: ranges_lib.apply_model(model, v, x, apply_kwargs),
+    variables,
+    images,
+  )
+  with quant.quantized_activations(
+    a_bits, ranges, point_bits=point_bits, sites=sites
+  ):
     return ranges_lib.apply_model(model, variables, images, apply_kwargs)
 
 
@@ -216,6 +371,9 @@ class Evaluator:
   Attributes:
     model: The linen model.
     per_channel: Per-output-channel weight scales.
+    first_last_bits: The first and last layers' bits (:func:`layer_bits`),
+      or None: every layer at (W, A).
+    points: Where activations are quantized (:attr:`Settings.act_points`).
     float_stats: ``(variables, images, labels, mask) -> (logits, correct)``.
     quantized_stats: ``(variables, ranges, w_bits, a_bits, images, labels,
       mask, float_logits) -> (correct, kl_sum)``: the sweep's function.
@@ -228,26 +386,57 @@ class Evaluator:
     model: nn.Module,
     *,
     per_channel: bool = False,
+    first_last_bits: int | None = None,
     apply_kwargs: Mapping[str, Any] = ranges_lib.EVAL_KWARGS,
     max_traces: int | None = None,
+    points: str = "layer_inputs",
   ):
     """Builds the jitted functions.
 
     Args:
       model: The linen model.
       per_channel: Per-output-channel weight scales.
+      first_last_bits: Keep the first and last layers at this many bits
+        (at least; :func:`layer_bits`); None or 0: every layer at (W, A).
+        The layers are found when the function is traced; the bits stay
+        traced, so a sweep still compiles once.
       apply_kwargs: Evaluation-mode arguments of ``model.apply``.
       max_traces: If set, :attr:`quantized_stats` raises when traced more
         often (``chex.assert_max_traces``): a guard against a sweep that
         recompiles per bit-width.
+      points: ``"layer_inputs"`` or ``"tensors"``
+        (:attr:`Settings.act_points`).
     """
+    if points not in perturb.POINTS:
+      raise ValueError(
+        f"points must be one of {perturb.POINTS}, got {points!r}."
+      )
     self.model = model
+    self.points = points
     self.per_channel = per_channel
+    self.first_last_bits = first_last_bits or None
     apply_kwargs = dict(apply_kwargs)
 
     def logits_fn(variables, ranges, w_bits, a_bits, images):
-      qvars = quantize_variables(variables, w_bits, per_channel=per_channel)
-      return quantized_apply(model, qvars, ranges, a_bits, images, apply_kwargs)
+      w_layers, a_points = {}, {}
+      if self.first_last_bits:
+        layers = first_last_layers(model, variables, images, apply_kwargs)
+        w_layers, a_points = layer_bits(
+          layers, w_bits, a_bits, self.first_last_bits
+        )
+      qvars = quantize_variables(
+        variables, w_bits, per_channel=per_channel, layer_bits=w_layers
+      )
+      return quantized_apply(
+        model,
+        qvars,
+        ranges,
+        a_bits,
+        images,
+        apply_kwargs,
+        point_bits=a_points,
+        points=points,
+      )
 
     def quantized_stats(
       variables, ranges, w_bits, a_bits, images, labels, mask, float_logits
@@ -268,11 +457,21 @@ class Evaluator:
 
 
 @functools.lru_cache(maxsize=8)
-def cached_evaluator(model: nn.Module, per_channel: bool) -> Evaluator:
+def cached_evaluator(
+  model: nn.Module,
+  per_channel: bool,
+  first_last_bits: int | None = None,
+  points: str = "layer_inputs",
+) -> Evaluator:
   """The :class:`Evaluator` of an architecture, shared by every caller."""
   # Linen modules hash by their fields: runs of one architecture share the
   # compiled functions (two workdirs of one sweep compile once).
-  return Evaluator(model, per_channel=per_channel)
+  return Evaluator(
+    model,
+    per_channel=per_channel,
+    first_last_bits=first_last_bits,
+    points=points,
+  )
 
 
 def _bits_array(b: int) -> jax.Array:
@@ -415,7 +614,10 @@ def evaluate_prepared(
     The run's metadata and results.
   """
   evaluator = evaluator or cached_evaluator(
-    prepared.model, settings.per_channel
+    prepared.model,
+    settings.per_channel,
+    settings.first_last_bits,
+    getattr(settings, "act_points", "layer_inputs"),
   )
   config = prepared.config
   trained = runs.qat_bits(config)
@@ -460,6 +662,9 @@ def evaluate_prepared(
   for entry in results:
     entry["collapsed"] = collapsed
   folded = isinstance(prepared.eval_variables, fold.FoldedVariables)
+  ends = first_last_layers(
+    prepared.model, prepared.eval_variables, prepared.sample
+  )
   info = {
     "run": prepared.label,
     "workdir": os.path.abspath(prepared.workdir),
@@ -467,6 +672,7 @@ def evaluate_prepared(
     "seed": seed,
     "method": method,
     "qat_bits": None if trained is None else bits_lib.format_pair(trained),
+    "qat_scheme": runs.qat_scheme(config),
     "model": runs.config_value(config, "model", type(prepared.model).__name__),
     "dataset": runs.config_value(config, "dataset", None),
     "num_examples": float_stats.count,
@@ -482,6 +688,13 @@ def evaluate_prepared(
       if folded
       else []
     ),
+    # Which layers --first_last_bits keeps wider (bits None: it is off).
+    "first_last_layers": {
+      "first": ends.first,
+      "last": ends.last,
+      "last_input": ends.last_input,
+      "bits": settings.first_last_bits,
+    },
     "config": runs.config_json(config),
   }
   return RunResult(info, results)

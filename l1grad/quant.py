@@ -355,6 +355,8 @@ def quantized_activations(
   ranges: Mapping[str, tuple[ArrayLike, ArrayLike]] | None = None,
   *,
   ste: bool = False,
+  point_bits: Mapping[str, ArrayLike] | None = None,
+  sites: Mapping[str, str] | None = None,
 ) -> Iterator[None]:
   """Fake-quantizes every activation perturbation point at ``bits``.
 
@@ -367,19 +369,27 @@ def quantized_activations(
       calibration). ``None`` uses each batch's own min/max, as STE training
       does.
     ste: straight-through gradients (quantization-aware training).
+    point_bits: ``{point: bits}`` for the points quantized at another
+      bit-width than ``bits`` (e.g. the last layer's input kept at 8 bits,
+      :func:`l1grad.ptq.layer_bits`); may be traced.
+    sites: where a point is quantized: None at its Conv/Dense readers (the
+      ``"layer_inputs"`` convention), or :func:`l1grad.perturb.tensor_sites`
+      (``"tensors"``: once for every reader, a residual add included).
 
   Yields:
     Nothing; wrap ``model.apply`` (or a loss that calls it) in the context.
   """
+  point_bits = dict(point_bits or {})
 
   def quantize(key: str, x: jax.Array) -> jax.Array:
     if ranges is None:
       low, high = dynamic_range(x)
     else:
       low, high = perturb.lookup_point(ranges, key, "activation range")
-    return quantize_activation(x, bits, low, high, ste=ste)
+    b = point_bits.get(key, bits)
+    return quantize_activation(x, b, low, high, ste=ste)
 
-  with perturb.transform_layer_inputs(quantize):
+  with perturb.transform_layer_inputs(quantize, sites=sites):
     yield
 
 

@@ -5,7 +5,9 @@ the reading layer's module path, docs/method.md §3) needs a range
 ``(low, high)``. Two ways to get one:
 
 * :func:`bn_activation_ranges`: from the batch-norm parameters, by the
-  Data-Free Quantization rule (docs/method.md §2), no data;
+  Data-Free Quantization rule (docs/method.md §2), no data; its numbers come
+  from :func:`dfq_activation_ranges`, the traced form that folded STE
+  training evaluates at every step (l1grad/qat.py);
 * :func:`calibrated_activation_ranges`: the min/max of the float model over
   some (training) batches.
 
@@ -18,6 +20,7 @@ it).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+import contextlib
 from typing import Any
 
 import flax.linen as nn
@@ -37,6 +40,7 @@ __all__ = [
   "apply_model",
   "bn_activation_ranges",
   "calibrated_activation_ranges",
+  "dfq_activation_ranges",
   "range_tree",
 ]
 
@@ -131,6 +135,37 @@ def _poison_layer_outputs(poison: jax.Array) -> Callable[..., Any]:
   return interceptor
 
 
+def _bound_points(
+  model: nn.Module,
+  variables: PyTree,
+  image: jax.Array,
+  sign: jax.Array,
+  num_std: float,
+  apply_kwargs: Mapping[str, Any],
+  poison: jax.Array | None = None,
+) -> dict[str, jax.Array]:
+  """Every perturbation point, with each BN output at its bound (traceable).
+
+  ``sign`` = +1 gives the upper bounds, -1 the lower ones. With ``poison``,
+  every Conv/Dense output is replaced by it too (the derivation check).
+  """
+  points: dict[str, jax.Array] = {}
+
+  def record(key: str, x: jax.Array) -> jax.Array:
+    points[key] = x
+    return x
+
+  with contextlib.ExitStack() as stack:
+    stack.enter_context(
+      nn.intercept_methods(_bn_bound_interceptor(sign, num_std))
+    )
+    if poison is not None:
+      stack.enter_context(nn.intercept_methods(_poison_layer_outputs(poison)))
+    stack.enter_context(perturb.transform_layer_inputs(record))
+    model.apply(variables, image, **apply_kwargs)
+  return points
+
+
 def _bound_pass_fn(
   model: nn.Module,
   example_shape: tuple[int, ...],
@@ -143,21 +178,64 @@ def _bound_pass_fn(
 
   def run(variables, poison, sign):
     image = jnp.full((1, *example_shape), poison, dtype)
-    points: dict[str, jax.Array] = {}
-
-    def record(key: str, x: jax.Array) -> jax.Array:
-      points[key] = x
-      return x
-
-    with (
-      nn.intercept_methods(_bn_bound_interceptor(sign, num_std)),
-      nn.intercept_methods(_poison_layer_outputs(poison)),
-      perturb.transform_layer_inputs(record),
-    ):
-      model.apply(variables, image, **apply_kwargs)
-    return points
+    return _bound_points(
+      model, variables, image, sign, num_std, apply_kwargs, poison
+    )
 
   return jax.jit(run)
+
+
+def dfq_activation_ranges(
+  model: nn.Module,
+  variables: Mapping[str, Any],
+  example_shape: tuple[int, ...],
+  dtype: Any = jnp.float32,
+  *,
+  num_std: float = DFQ_NUM_STD,
+  apply_kwargs: Mapping[str, Any] = EVAL_KWARGS,
+) -> dict[str, tuple[jax.Array, jax.Array]]:
+  """The Data-Free Quantization ranges as traced values (jit/grad-safe).
+
+  The numbers of :func:`bn_activation_ranges` (which calls this function for
+  them), computed inside a traced function: STE training with
+  ``qat.scheme="folded"`` takes its activation ranges from the current BN
+  parameters at every step with it, so it trains on the grid post-training
+  quantization evaluates. Two forward passes of one all-zero example, every
+  BatchNorm output replaced by ``β ± num_std·|γ|`` per channel; the range of
+  a point is the min of its lower and the max of its upper bounds.
+
+  This function does not check that every point is computed from BN outputs
+  only (a point that is not gets a meaningless range);
+  :func:`bn_activation_ranges` does, once, on concrete variables.
+
+  Args:
+    model: The linen model.
+    variables: Its unfolded variables (``params`` with BN ``scale``/``bias``;
+      may be tracers).
+    example_shape: The shape of one input example (no batch axis).
+    dtype: The input dtype.
+    num_std: The 6 of the rule.
+    apply_kwargs: Evaluation-mode arguments of ``model.apply``.
+
+  Returns:
+    ``{point key: (low, high)}``, float32 scalars (no gradient flows to the
+    BN parameters: a fixed grid for the straight-through estimator).
+  """
+  apply_kwargs = dict(apply_kwargs)
+  image = jnp.zeros((1, *example_shape), dtype)
+  bounds = {
+    s: _bound_points(
+      model, variables, image, jnp.float32(s), float(num_std), apply_kwargs
+    )
+    for s in (1, -1)
+  }
+  return {
+    key: (
+      jax.lax.stop_gradient(jnp.min(bounds[-1][key]).astype(jnp.float32)),
+      jax.lax.stop_gradient(jnp.max(bounds[1][key]).astype(jnp.float32)),
+    )
+    for key in bounds[1]
+  }
 
 
 def bn_activation_ranges(
@@ -232,7 +310,7 @@ def bn_activation_ranges(
     if not derived:
       bad.append(key)
       continue
-    ranges[key] = (float(np.min(lo_a)), float(np.max(hi_a)))
+    ranges[key] = None  # filled in below, once every point is checked
   if bad:
     raise errors.UserError(
       "Activation ranges from batch norm (--act_ranges bn, the Data-Free"
@@ -243,7 +321,17 @@ def bn_activation_ranges(
       " --act_ranges calibrate, which measures the ranges on training"
       " batches."
     )
-  return ranges
+  # The numbers come from the traced function STE training uses, so both
+  # quantize on the same grid.
+  shape, dtype = tuple(sample.shape[1:]), sample.dtype
+  values = jax.device_get(
+    jax.jit(
+      lambda v: dfq_activation_ranges(
+        model, v, shape, dtype, num_std=num_std, apply_kwargs=apply_kwargs
+      )
+    )(variables)
+  )
+  return {key: (float(values[key][0]), float(values[key][1])) for key in ranges}
 
 
 # ---------------------------------------------------------------------------

@@ -38,10 +38,13 @@ from l1grad import runs as runs_lib
 
 __all__ = [
   "COLLAPSE_FACTOR",
+  "CONVENTION_KEYS",
   "Report",
   "TableRow",
   "analysis_markdown",
   "column_name",
+  "conventions",
+  "conventions_markdown",
   "is_collapsed",
   "markdown_table",
   "parse_group_by",
@@ -373,6 +376,116 @@ def plot_results(
 # The PTQ report and its files.
 # ---------------------------------------------------------------------------
 
+# The order of the conventions in ptq.json and under every table.
+CONVENTION_KEYS = (
+  "shortcuts",
+  "first_last_layers",
+  "weights",
+  "batch_norm",
+  "activations",
+  "activation_ranges",
+)
+
+
+def _shortcut_convention(settings: runs_lib.Settings) -> str:
+  """Which readers of a tensor see its quantized value (``act_points``)."""
+  points = getattr(settings, "act_points", "layer_inputs")
+  if points == "tensors":
+    return (
+      "act_points=tensors: a tensor is quantized once for every reader, a"
+      " residual add included (an identity shortcut reads the quantized"
+      " block input)"
+    )
+  return (
+    f"act_points={points}: a tensor is quantized once, where Conv/Dense"
+    " layers read it; other readers (a residual add) read the float tensor"
+  )
+
+
+def _first_last_convention(
+  settings: runs_lib.Settings, runs: Sequence[Mapping[str, Any]]
+) -> str:
+  """Which layers ``first_last_bits`` keeps wider, named as in ptq.json."""
+  bits = getattr(settings, "first_last_bits", None)
+  named = []
+  for run in runs:
+    ends = run.get("first_last_layers") or {}
+    if ends.get("first") is None:
+      continue
+    text = f"{ends['first']} and {ends['last']}"
+    if bits and ends.get("last_input"):
+      text = f"{ends['first']} and {ends['last']} weights and the input of"
+      text += f" {ends['last_input']}"
+    if text not in named:
+      named.append(text)
+  if not bits:
+    which = "; ".join(named) if named else "the first and last Conv/Dense"
+    return f"{which} quantized at (W,A) like every layer, the paper's setting"
+  which = (
+    "; ".join(named)
+    if named
+    else "the weights of the first and last Conv/Dense (call order) and the"
+    " last one's input"
+  )
+  return f"{which} kept at {bits} bits (more where W or A is more)"
+
+
+def conventions(
+  settings: runs_lib.Settings, runs: Sequence[Mapping[str, Any]] = ()
+) -> dict[str, str]:
+  """What a PTQ table simulated, in words: one entry per convention.
+
+  Written into ``ptq.json`` (``"conventions"``) and under every table of
+  ``ptq.md``.
+
+  Args:
+    settings: The sweep's settings.
+    runs: ``ptq.json``'s ``runs`` (for the names of the first and last
+      layers).
+
+  Returns:
+    ``{name: text}`` in :data:`CONVENTION_KEYS` order: shortcuts,
+    first_last_layers, weights, batch_norm, activations, activation_ranges.
+  """
+  s = settings
+  scales = "per output channel" if s.per_channel else "per tensor"
+  return {
+    "shortcuts": _shortcut_convention(s),
+    "first_last_layers": _first_last_convention(s, runs),
+    "weights": f"symmetric, {scales}",
+    "batch_norm": (
+      "folded into the preceding kernels before quantizing"
+      if s.fold
+      else "not folded (unfolded kernels quantized, batch norm in float)"
+    ),
+    "activations": (
+      "the inputs of every Conv/Dense but the first (the image is not"
+      " quantized)"
+    ),
+    "activation_ranges": (
+      "from batch-norm parameters, Data-Free Quantization rule [β ± "
+      f"{s.num_std:g}|γ|]"
+      if s.act_ranges == "bn"
+      else f"calibrated min/max over {s.calib_batches} training batches"
+    ),
+  }
+
+
+def conventions_markdown(
+  settings: runs_lib.Settings, runs: Sequence[Mapping[str, Any]] = ()
+) -> str:
+  """:func:`conventions` as one Markdown line, for under a table."""
+  names = {
+    "shortcuts": "shortcuts",
+    "first_last_layers": "first/last layers",
+    "weights": "weights",
+    "batch_norm": "batch norm",
+    "activations": "activations",
+    "activation_ranges": "activation ranges",
+  }
+  parts = [f"{names[k]}: {v}" for k, v in conventions(settings, runs).items()]
+  return "Conventions — " + "; ".join(parts) + "."
+
 
 @dataclasses.dataclass
 class Report:
@@ -411,6 +524,7 @@ class Report:
     return {
       "format": JSON_FORMAT,
       "settings": self.settings.to_json(),
+      "conventions": conventions(self.settings, self.runs),
       "act_ranges": self.settings.act_ranges,
       "group_by": (
         self.group_by
@@ -435,13 +549,7 @@ class Report:
   @property
   def markdown(self) -> str:
     """The accuracy table, a KL table, and the settings, as Markdown."""
-    s = self.settings
-    ranges = (
-      "batch-norm parameters, Data-Free Quantization rule [β ± "
-      f"{s.num_std:g}|γ|]"
-      if s.act_ranges == "bn"
-      else f"calibrated min/max over {s.calib_batches} training batches"
-    )
+    conv = conventions_markdown(self.settings, self.runs)
     steps = ", ".join(f"{r['run']}: step {r['step']}" for r in self.runs)
     grouped = self.group_by != "run"
     if grouped:
@@ -456,16 +564,11 @@ class Report:
       )
     else:
       heading = "## Post-training quantization: top-1 accuracy (%)"
-    scales = "per output channel" if s.per_channel else "per tensor"
-    bn = "folded into the kernels" if s.fold else "not folded (kept in float)"
     lines = [
       heading,
       "",
       self.table(),
-      f"(W,A) = (weight bits, activation bits). Weights: symmetric, "
-      f"{scales}, every layer; batch norm {bn}. Activations: inputs of every"
-      f" Conv/Dense but the first; ranges from {ranges}."
-      f" Checkpoints: {steps}.",
+      f"(W,A) = (weight bits, activation bits). Checkpoints: {steps}.",
     ]
     if any(r.get("ste_grid") == "own" for r in self.results):
       lines.append(
@@ -487,9 +590,12 @@ class Report:
       )
     lines += [
       "",
+      conv,
+      "",
       "## Mean KL(p_float ‖ p_quant) over test examples (nats)",
       "",
       self.table(metric="kl"),
+      conv,
     ]
     if grouped:
       lines += [
@@ -497,6 +603,7 @@ class Report:
         "## Per run: top-1 accuracy (%)",
         "",
         self.table(group_by="run"),
+        conv,
       ]
     return "\n".join(lines)
 

@@ -50,6 +50,7 @@ __all__ = [
   "prepare_run",
   "prepare_variables",
   "qat_bits",
+  "qat_scheme",
   "run_labels",
   "training_log",
 ]
@@ -75,6 +76,11 @@ class Settings:
     batch_size: Evaluation batch size; None takes the run's config.
     num_std: The 6 of the Data-Free Quantization rule.
     step: Checkpoint step to load; None takes the latest.
+    first_last_bits: Keep the first and last Conv/Dense layers (in call
+      order) at this many bits, or more where (W,A) has more: their kernels
+      and the last layer's input activation (``--first_last_bits 8``, the
+      convention of many deployments and PTQ baselines). None (or 0, the
+      default) quantizes them like every layer, the paper's setting.
   """
 
   ACT_RANGE_METHODS: ClassVar[tuple[str, ...]] = ranges_lib.ACT_RANGE_METHODS
@@ -89,12 +95,17 @@ class Settings:
   batch_size: int | None = None
   num_std: float = ranges_lib.DFQ_NUM_STD
   step: int | None = None
+  first_last_bits: int | None = None
 
   def __post_init__(self):
     object.__setattr__(self, "bits", tuple(tuple(p) for p in self.bits))
     for w, a in self.bits:
       bits_lib.check_bits(w, "weight bits")
       bits_lib.check_bits(a, "activation bits")
+    if not self.first_last_bits:  # 0 means off, like None
+      object.__setattr__(self, "first_last_bits", None)
+    else:
+      bits_lib.check_bits(self.first_last_bits, "--first_last_bits")
     methods = type(self).ACT_RANGE_METHODS
     if self.act_ranges not in methods:
       raise errors.ConfigError(
@@ -161,13 +172,26 @@ def qat_bits(config: Any) -> Pair | None:
   return bits_lib.parse_pair(text) if text else None
 
 
+def qat_scheme(config: Any) -> str | None:
+  """What an STE run simulated (``config.qat.scheme``), else None.
+
+  ``"folded"`` or ``"unfolded"`` (l1grad/qat.py); a run stored before the
+  field existed trained ``"unfolded"``.
+  """
+  if qat_bits(config) is None:
+    return None
+  qat = config_value(config, "qat", None)
+  return str(config_value(qat, "scheme", "unfolded"))
+
+
 def method_label(config: Any) -> str:
   """A readable method name from a run's config, e.g. ``"l1 λ=0.05"``.
 
   ``"none"``; ``"l1 λ=…"`` / ``"l2 λ=…"`` (``λw=… λa=…`` when the two
   coefficients differ; ``act_coef == -1`` means the same as
   ``weight_coef``); ``"dq β=…"`` (β is ``reg.weight_coef``); ``"ste 4:4"``
-  for quantization-aware training; combined with ``+`` when both are set.
+  for quantization-aware training (``"ste 4:4 unfolded"`` for the unfolded
+  scheme, :func:`qat_scheme`); combined with ``+`` when both are set.
   """
   reg = config_value(config, "reg", {})
   kind = str(config_value(reg, "kind", "none") or "none")
@@ -184,6 +208,8 @@ def method_label(config: Any) -> str:
   qat = qat_bits(config)
   if qat is not None:
     ste = f"ste {bits_lib.format_pair(qat)}"
+    if qat_scheme(config) != "folded":
+      ste += f" {qat_scheme(config)}"
     label = ste if kind == "none" else f"{ste} + {label}"
   return label
 

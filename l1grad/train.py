@@ -37,6 +37,7 @@ from l1grad import models
 from l1grad import params as params_lib
 from l1grad import penalty
 from l1grad import perturb
+from l1grad import qat
 from l1grad import quant
 from l1grad import regularizers
 from l1grad import run_guard
@@ -169,32 +170,54 @@ def init_variables(
 
 
 def make_loss_fn(
-  model: nn.Module, config: ml_collections.ConfigDict, *, regularized: bool
+  model: nn.Module,
+  config: ml_collections.ConfigDict,
+  *,
+  regularized: bool,
+  bn_frozen: bool = False,
 ) -> Callable[..., Any]:
-  """``(params, batch_stats, images, labels, rng) -> (loss, aux)``.
+  """``(params, batch_stats, images, labels, rng[, act_ranges]) -> (loss, aux)``.
 
   ``loss`` is the batch-mean cross-entropy, plus the DQ term when it is on;
   ``aux`` holds the new batch statistics, the logits and the loss parts.
+  STE training (``config.qat.bits``) follows ``config.qat.scheme``
+  (:mod:`l1grad.qat`). For ``"folded"``, ``bn_frozen`` selects the
+  frozen-statistics (PTQ) forward pass, and ``act_ranges`` are the activation
+  ranges of :meth:`l1grad.qat.FoldedSTE.ranges`, computed by the loss when not
+  given (the train step passes them, computed outside the gradient penalty).
   """
   qat_bits = bits_lib.parse_pair(config.qat.bits) if config.qat.bits else None
+  folded_ste = qat.from_config(model, config)
   dq_beta = (
     config.reg.weight_coef if regularized and config.reg.kind == "dq" else 0.0
   )
 
-  def loss_fn(params, batch_stats, images, labels, rng):
-    applied = params
-    context = perturb.transform_layer_inputs(lambda k, x: x)
-    if qat_bits is not None:
-      applied = quant.quantize_kernels(params, qat_bits[0], ste=True)
-      context = quant.quantized_activations(qat_bits[1], None, ste=True)
-    with context:
-      logits, updates = model.apply(
-        {"params": applied, "batch_stats": batch_stats},
+  def loss_fn(params, batch_stats, images, labels, rng, act_ranges=None):
+    if folded_ste is not None:
+      ste = folded_ste(images.shape[1:], images.dtype)
+      logits, new_stats = ste.apply(
+        params,
+        batch_stats,
         images,
-        train=True,
-        mutable=["batch_stats"],
+        act_ranges=act_ranges,
+        bn_frozen=bn_frozen,
         rngs={"dropout": rng},
       )
+    else:
+      applied = params
+      context = perturb.transform_layer_inputs(lambda k, x: x)
+      if qat_bits is not None:
+        applied = quant.quantize_kernels(params, qat_bits[0], ste=True)
+        context = quant.quantized_activations(qat_bits[1], None, ste=True)
+      with context:
+        logits, updates = model.apply(
+          {"params": applied, "batch_stats": batch_stats},
+          images,
+          train=True,
+          mutable=["batch_stats"],
+          rngs={"dropout": rng},
+        )
+      new_stats = updates["batch_stats"]
     xent = optax.softmax_cross_entropy_with_integer_labels(
       logits.astype(jnp.float32), labels
     ).mean()
@@ -204,7 +227,7 @@ def make_loss_fn(
       else jnp.zeros((), jnp.float32)
     )
     aux = {
-      "batch_stats": updates["batch_stats"],
+      "batch_stats": new_stats,
       "logits": logits,
       "cross_entropy": xent,
       "dq_penalty": dq,
@@ -221,17 +244,23 @@ def make_train_step(
   lr: optax.Schedule,
   *,
   regularized: bool,
+  bn_frozen: bool = False,
 ) -> Callable[..., Any]:
   """The pure step ``(state, batch, rng) -> (state, metrics)`` (not jitted).
 
-  ``regularized`` switches the gradient-norm penalty or the DQ term on; the
-  trainer compiles the two variants once each and picks per step.
+  ``regularized`` switches the gradient-norm penalty or the DQ term on;
+  ``bn_frozen`` the frozen batch statistics of folded STE training
+  (:mod:`l1grad.qat`). The trainer compiles each variant it uses once and
+  picks per step.
   """
   reg = config.reg
   grad_reg = regularized and reg.kind in ("l1", "l2")
   weight_coef = reg.weight_coef if grad_reg else 0.0
   act_coef = config_lib.act_coef(config) if grad_reg else 0.0
-  loss_fn = make_loss_fn(model, config, regularized=regularized)
+  loss_fn = make_loss_fn(
+    model, config, regularized=regularized, bn_frozen=bn_frozen
+  )
+  folded_ste = qat.from_config(model, config)
   value_and_grad = penalty.value_and_grad(
     loss_fn,
     ord=2 if reg.kind == "l2" else 1,
@@ -241,15 +270,27 @@ def make_train_step(
     has_aux=True,
     fd_step=reg.fd_step,
     track_activations=config.get("track_act_grad", True),
+    points=reg.get("points", "layer_inputs"),
+    act_norm=reg.get("act_norm", "none"),
   )
 
   def train_step(
     state: TrainState, batch: dict[str, jax.Array], rng: jax.Array
   ) -> tuple[TrainState, Metrics]:
     step_rng = jax.random.fold_in(rng, state.step)
-    (total, info), grads = value_and_grad(
-      state.params, state.batch_stats, batch["image"], batch["label"], step_rng
+    args = (
+      state.params,
+      state.batch_stats,
+      batch["image"],
+      batch["label"],
+      step_rng,
     )
+    if folded_ste is not None:
+      # Computed here, outside the penalty: its perturbation of the layer
+      # inputs must not see the ranges' own forward pass.
+      ste = folded_ste(batch["image"].shape[1:], batch["image"].dtype)
+      args += (ste.ranges(state.params, state.batch_stats),)
+    (total, info), grads = value_and_grad(*args)
     aux = info["aux"]
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -520,15 +561,19 @@ def _train_locked(
       state = TrainState(**restored)
       console("Resumed from step %d in %s", latest, workdir)
 
+    freeze_step = qat.bn_freeze_step(config, plan.total_steps)
     step_fns = {}
     for regularized in (False, True):
-      fn = make_train_step(model, config, tx, lr, regularized=regularized)
-      step_fns[regularized] = jax.jit(
-        fn,
-        donate_argnums=0,
-        in_shardings=(replicated, batch_sharding, replicated),
-        out_shardings=(replicated, replicated),
-      )
+      for frozen in (False, True) if freeze_step is not None else (False,):
+        fn = make_train_step(
+          model, config, tx, lr, regularized=regularized, bn_frozen=frozen
+        )
+        step_fns[regularized, frozen] = jax.jit(
+          fn,
+          donate_argnums=0,
+          in_shardings=(replicated, batch_sharding, replicated),
+          out_shardings=(replicated, replicated),
+        )
     eval_step = jax.jit(
       make_eval_step(model),
       in_shardings=(replicated, batch_sharding),
@@ -574,17 +619,18 @@ def _train_locked(
     # Throughput counts training steps only: not the first call of each step
     # variant (it compiles), not evaluation, not saving. Otherwise the first
     # ETA of every run counts the compilation (3-4× too long on CPU).
-    compiled: set[bool] = set()
+    compiled: set[tuple[bool, bool]] = set()
     t_mark, timed_steps, rate = time.time(), 0, None
     with run_guard.StopSignal() as stop:
       for step in range(start, plan.last_step):
         batch = global_batch(next(batches), batch_sharding)
         regularized = plan.regularized(step)
-        state, metrics = step_fns[regularized](state, batch, rng)
+        variant = (regularized, freeze_step is not None and step >= freeze_step)
+        state, metrics = step_fns[variant](state, batch, rng)
         pending.append((step, metrics))
         done = step + 1
-        if regularized not in compiled:
-          compiled.add(regularized)
+        if variant not in compiled:
+          compiled.add(variant)
           jax.block_until_ready(metrics)
           t_mark, timed_steps = time.time(), 0
         else:

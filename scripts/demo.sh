@@ -6,9 +6,10 @@
 #
 # For each seed: train a base model, then fine-tune it for the same number of
 # steps with no regularization, ℓ1 (two λ), ℓ2, Defensive Quantization and STE
-# quantization-aware training; then quantize every fine-tuned model after
-# training at a sweep of bit-widths and print mean ± std over seeds, grouped
-# by method, in the paper's table layout. Every command is printed before it
+# quantization-aware training (two schemes: "folded", which trains on what
+# post-training quantization evaluates, and the earlier "unfolded"); then
+# quantize every fine-tuned model after training at a sweep of bit-widths and
+# print mean ± std over seeds, grouped by method, in the paper's table layout. Every command is printed before it
 # runs: they are the commands to use on your own runs.
 #
 # Everything goes to $DEMO_OUT (default demo_out/): runs/ (checkpoints),
@@ -56,7 +57,7 @@ fi
 
 start=$SECONDS
 step=0
-total=$(( SEEDS * 7 + 1 ))
+total=$(( SEEDS * 8 + 1 ))
 
 # Prints a progress header and the command, then runs it.
 run() {
@@ -97,8 +98,10 @@ for (( seed = 0; seed < SEEDS; seed++ )); do
     --config.reg.kind=l2 --config.reg.weight_coef="$L2_COEF"
   finetune dq "Defensive Quantization, β=$DQ_BETA" \
     --config.reg.kind=dq --config.reg.weight_coef="$DQ_BETA"
-  finetune ste "STE quantization-aware training at (W,A)=(${STE_BITS/:/,})" \
+  finetune ste "STE quantization-aware training at (W,A)=(${STE_BITS/:/,}), BN folded, DFQ ranges" \
     --config.qat.bits="$STE_BITS"
+  finetune ste_unfolded "STE at (W,A)=(${STE_BITS/:/,}), the unfolded scheme (BN in float, batch min/max ranges)" \
+    --config.qat.bits="$STE_BITS" --config.qat.scheme=unfolded
 done
 
 run "post-training quantization of all $(( ${#workdirs[@]} / 2 )) fine-tuned runs at $BITS" \

@@ -15,7 +15,15 @@ import sys
 from conftest import ROOT
 import pytest
 
-METHODS = ["none", "l1 λ=0.02", "l1 λ=0.05", "l2 λ=5", "dq β=0.01", "ste 3:2"]
+METHODS = [
+  "none",
+  "l1 λ=0.02",
+  "l1 λ=0.05",
+  "l2 λ=5",
+  "dq β=0.01",
+  "ste 3:2",
+  "ste 3:2 unfolded",
+]
 
 
 @pytest.mark.slow
@@ -47,10 +55,10 @@ def test_demo_runs_every_method_and_writes_the_grouped_report(tmp_path):
 
   # Every command is shown before it runs, as a user would type it.
   commands = [line for line in stdout.splitlines() if line.startswith("+ ")]
-  assert len(commands) == 8
-  assert sum(" train.py " in c for c in commands) == 7
+  assert len(commands) == 9
+  assert sum(" train.py " in c for c in commands) == 8
   assert " eval_ptq.py " in commands[-1] and "--group_by method" in commands[-1]
-  assert "[8/8," in stdout and "Demo done" in stdout
+  assert "[9/9," in stdout and "Demo done" in stdout
 
   for ext in ("md", "json", "csv", "png"):
     assert os.path.getsize(out / f"ptq.{ext}") > 0

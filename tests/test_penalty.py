@@ -275,3 +275,156 @@ def test_bad_arguments():
     penalty.value_and_grad(lambda p: 0.0, method="double_backward")
   with pytest.raises(ValueError, match="hvp_impl"):
     penalty.value_and_grad(lambda p: 0.0, hvp_impl="vjp")
+
+
+# ---------------------------------------------------------------------------
+# What the activation term is, in both batch-norm modes (docs/method.md §1).
+# ---------------------------------------------------------------------------
+
+
+def _bn_problem(train, batch=6):
+  """The BN ConvNet with ``eps`` explicit; per-example losses and the mean."""
+  model = ConvNet()
+  x = jax.random.normal(jax.random.key(5), (batch, 6, 6, 2))
+  y = jax.random.randint(jax.random.key(6), (batch,), 0, 3)
+  variables = model.init(jax.random.key(0), x)
+  params = variables["params"]
+  # Running statistics unlike the batch's, so the two modes differ.
+  stats = jax.tree.map(lambda s: s + 0.3, variables["batch_stats"])
+
+  def losses(p, x, y, eps=None):
+    logits, _ = model.apply(
+      {"params": p, "batch_stats": stats},
+      x,
+      eps,
+      train=train,
+      mutable=["batch_stats"],
+    )
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y)
+
+  def loss_fn(p, x, y, eps=None):
+    return losses(p, x, y, eps).mean(), None
+
+  return losses, loss_fn, params, (x, y)
+
+
+def _act_l1(tree):
+  return sum(jnp.abs(v).sum() for v in jax.tree.leaves(tree))
+
+
+def _zero_eps(losses, params, x, y):
+  shapes = perturb.activation_shapes(lambda p: losses(p, x, y), params)
+  assert list(shapes) == ["Conv_1", "Dense_0"]  # the keys eps= takes
+  return perturb.zero_perturbations(shapes)
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["bn_eval", "bn_train"])
+def test_activation_term_is_the_batch_loss_gradient_norm(train):
+  """‖∇_A L‖₁ against brute force: per-example norms, cross terms and all."""
+  losses, loss_fn, params, (x, y) = _bn_problem(train)
+  fn = jax.jit(penalty.value_and_grad(loss_fn, act_coef=1.0, has_aux=True))
+  (_, info), _ = fn(params, x, y)
+  eps = _zero_eps(losses, params, x, y)
+
+  # Brute force with the model's own eps argument (no interception):
+  # jac[k][j, i] = ∂ℓⱼ/∂aᵢ at point k, for every pair of examples.
+  jac = jax.jit(jax.jacrev(lambda e: losses(params, x, y, e)))(eps)
+  grad_l = jax.grad(lambda e: loss_fn(params, x, y, e)[0])(eps)
+  b = x.shape[0]
+  # ∇_{aᵢ} L = (1/B)·Σⱼ ∂ℓⱼ/∂aᵢ: the penalty's norm is that gradient's.
+  chex.assert_trees_all_close(
+    jax.tree.map(lambda j: j.mean(0), jac), grad_l, rtol=1e-5, atol=1e-7
+  )
+  np.testing.assert_allclose(info["act_grad_l1"], _act_l1(grad_l), rtol=1e-5)
+  # The mean over examples of the per-example norms ‖∂ℓᵢ/∂aᵢ‖₁.
+  diag = jax.tree.map(lambda j: j[jnp.arange(b), jnp.arange(b)], jac)
+  per_example_mean = _act_l1(diag) / b
+  # Each example alone (its own forward pass, batch of one).
+  if not train:
+    # Eval mode: no cross terms; exactly the mean of the per-example norms.
+    off = jax.tree.map(
+      lambda j: j * (1 - jnp.eye(b)).reshape((b, b) + (1,) * (j.ndim - 2)), jac
+    )
+    assert float(_act_l1(off)) == 0.0
+    np.testing.assert_allclose(info["act_grad_l1"], per_example_mean, rtol=1e-5)
+    # And each example alone (its own forward pass, a batch of one).
+    alone = jax.jit(
+      jax.vmap(
+        lambda xi, yi: _act_l1(
+          jax.grad(lambda e: losses(params, xi[None], yi[None], e)[0])(
+            jax.tree.map(lambda v: v[:1], eps)
+          )
+        )
+      )
+    )(x, y)
+    np.testing.assert_allclose(info["act_grad_l1"], alone.mean(), rtol=1e-5)
+  else:
+    # Train mode: the batch statistics couple the examples; the term is the
+    # batch loss's gradient norm, not the mean of the per-example norms.
+    gap = abs(float(info["act_grad_l1"]) / float(per_example_mean) - 1)
+    assert gap > 1e-2, gap
+
+
+@pytest.mark.parametrize(
+  "method, train",
+  [("hvp", False), ("hvp", True), ("reverse", True)],
+  ids=["hvp-bn_eval", "hvp-bn_train", "reverse-bn_train"],
+)
+def test_act_norm_batch_mean_makes_the_l2_term_invariant_to_duplication(
+  method, train
+):
+  _, loss_fn, params, (x, y) = _bn_problem(train)
+  b = x.shape[0]
+  copies = lambda a, k: jnp.concatenate([a] * k)
+  out = {}
+  for act_norm in penalty.ACT_NORMS:
+    fn = jax.jit(
+      penalty.value_and_grad(
+        loss_fn,
+        ord=2,
+        act_coef=0.5,
+        has_aux=True,
+        method=method,
+        act_norm=act_norm,
+      )
+    )
+    for k in (1, 3):
+      out[act_norm, k] = fn(params, copies(x, k), copies(y, k))
+  for k in (1, 3):
+    (_, none), _ = out["none", k]
+    (_, mean), grads = out["batch_mean", k]
+    (_, none_1), _ = out["none", 1]
+    (_, mean_1), grads_1 = out["batch_mean", 1]
+    # "none": the ℓ2 term shrinks as 1/√k (the ℓ1 norm stays).
+    np.testing.assert_allclose(
+      none["act_penalty"], none_1["act_penalty"] / np.sqrt(k), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+      none["act_grad_l1"], none_1["act_grad_l1"], rtol=1e-5
+    )
+    # "batch_mean": √(kB)·‖∇_A L‖₂, the same for every k, and so is its
+    # gradient (the penalty is the same function of the parameters).
+    np.testing.assert_allclose(
+      mean["act_penalty"],
+      0.5 * np.sqrt(k * b) * none["act_grad_l2"],
+      rtol=1e-6,
+    )
+    np.testing.assert_allclose(
+      mean["act_penalty"], mean_1["act_penalty"], rtol=1e-5
+    )
+    chex.assert_trees_all_close(grads, grads_1, rtol=1e-4, atol=1e-6)
+    # The logged norm is ‖∇_A L‖₂ either way.
+    assert mean["act_grad_l2"] == none["act_grad_l2"]
+
+
+def test_act_norm_leaves_l1_and_the_default_unchanged():
+  _, loss_fn, params, args = _bn_problem(True)
+  kw = dict(weight_coef=0.3, act_coef=0.5, has_aux=True)
+  results = [
+    jax.jit(penalty.value_and_grad(loss_fn, **kw, **extra))(params, *args)
+    for extra in ({}, {"act_norm": "none"}, {"act_norm": "batch_mean"})
+  ]
+  for other in results[1:]:
+    chex.assert_trees_all_equal(other, results[0])
+  with pytest.raises(ValueError, match="act_norm"):
+    penalty.value_and_grad(loss_fn, act_norm="rms")

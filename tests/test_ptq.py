@@ -20,8 +20,10 @@ import pytest
 from l1grad import cli
 from l1grad import errors
 from l1grad import models
+from l1grad import params as params_lib
 from l1grad import perturb
 from l1grad import ptq
+from l1grad import quant as quant_lib
 from l1grad import ranges as ranges_lib
 from l1grad import report as report_lib
 from l1grad import runs as runs_lib
@@ -293,7 +295,11 @@ def _prepared(digits_setup, config):
 
 def test_ste_run_reports_the_better_of_own_grid_and_requantized(digits_setup):
   *_, batches, evaluator = digits_setup
-  config = {"seed": 3, "reg": {"kind": "none"}, "qat": {"bits": "4:4"}}
+  config = {
+    "seed": 3,
+    "reg": {"kind": "none"},
+    "qat": {"bits": "4:4", "scheme": "folded"},
+  }
   settings = ptq.Settings(bits=((8, 8), (4, 4), (2, 2), (8, 2)))
   result = ptq.evaluate_prepared(
     _prepared(digits_setup, config), settings, batches, evaluator=evaluator
@@ -326,7 +332,9 @@ def test_method_labels():
   def label(**reg):
     qat = reg.pop("qat", "")
     return runs_lib.method_label(
-      ml_collections.ConfigDict({"reg": reg, "qat": {"bits": qat}})
+      ml_collections.ConfigDict(
+        {"reg": reg, "qat": {"bits": qat, "scheme": "folded"}}
+      )
     )
 
   assert label(kind="none") == "none"
@@ -569,11 +577,13 @@ def test_settings_share_one_validation_and_keep_their_json_order():
     "act_ranges",
     "per_channel",
     "fold",
+    "first_last_bits",
     "calib_batches",
     "max_examples",
     "batch_size",
     "num_std",
     "step",
+    "act_points",
   ]
 
 
@@ -896,3 +906,231 @@ def test_eval_ptq_script_reports_errors_without_traceback(tmp_path):
   )
   assert proc.returncode == 2, proc.stderr
   assert "No checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------
+# First and last layers kept at 8 bits (--first_last_bits).
+# ---------------------------------------------------------------------------
+
+
+def _grid_levels(x, bits, max_abs):
+  """``x`` in units of its symmetric b-bit bin (max|x| / (2^(b-1) - 1))."""
+  return np.asarray(x, np.float64) / (max_abs / (2 ** (bits - 1) - 1))
+
+
+def _layer_inputs_seen(model, variables, ranges, a_bits, images, point_bits):
+  """The input each Conv/Dense reads in the quantized forward pass, by name."""
+  seen = {}
+
+  def record(next_fun, args, kwargs, context):
+    if context.method_name == "__call__" and isinstance(
+      context.module, (nn.Conv, nn.Dense)
+    ):
+      seen[context.module.name] = np.asarray(args[0])
+    return next_fun(*args, **kwargs)
+
+  with quant_lib.quantized_activations(a_bits, ranges, point_bits=point_bits):
+    with nn.intercept_methods(record):  # inside: sees the quantized inputs
+      ranges_lib.apply_model(model, variables, images)
+  return seen
+
+
+def test_first_last_bits_put_the_end_layers_on_the_8_bit_grid(digits_setup):
+  model, _, folded, ranges, batches, _ = digits_setup
+  images = batches[0]["image"][:8]
+  # Call order, not dict order (which would give Conv_0 ... Dense_1 too, so
+  # the layers' names alone do not tell: see the perturb test below).
+  layers = ptq.first_last_layers(model, folded, images)
+  assert layers == ptq.FirstLast("Conv_0", "Dense_1", "Dense_1")
+  assert ptq.layer_bits(layers, 2, 2, None) == ({}, {})
+  w_bits, a_bits = ptq.layer_bits(layers, 2, 2, 8)
+  assert w_bits == {"Conv_0": 8, "Dense_1": 8} and a_bits == {"Dense_1": 8}
+  # Never fewer bits than the other layers: (16,16) stays lossless.
+  assert ptq.layer_bits(layers, 16, 12, 8) == (
+    {"Conv_0": 16, "Dense_1": 16},
+    {"Dense_1": 12},
+  )
+
+  # Weights: the end kernels on the 8-bit grid, the others on the 2-bit one.
+  qvars = ptq.quantize_variables(folded, 2, layer_bits=w_bits)
+  kernels, _ = params_lib.split_kernels(folded.params)
+  quantized, _ = params_lib.split_kernels(qvars.params)
+  assert list(quantized) == ["Conv_0", "Conv_1", "Conv_2", "Dense_0", "Dense_1"]
+  for name, k in kernels.items():
+    bits = 8 if name in ("Conv_0", "Dense_1") else 2
+    levels = _grid_levels(quantized[name], bits, np.abs(k).max())
+    np.testing.assert_allclose(levels, np.round(levels), atol=1e-4)
+    assert np.abs(levels).max() <= 2 ** (bits - 1) - 1 + 1e-4
+    assert len(np.unique(np.round(levels))) > (8 if bits == 8 else 1), name
+
+  # Activations: the last layer reads its input on the unsigned 8-bit grid
+  # (a ReLU output), the other points on the 2-bit one.
+  seen = _layer_inputs_seen(model, qvars, ranges, 2, images, a_bits)
+  for name in ("Conv_1", "Conv_2", "Dense_0", "Dense_1"):
+    bits = 8 if name == "Dense_1" else 2
+    _, high = ranges[name]
+    levels = seen[name] / (high / (2**bits - 1))
+    np.testing.assert_allclose(levels, np.round(levels), atol=1e-3)
+    assert 0 <= levels.min() and levels.max() <= 2**bits - 1 + 1e-3
+    assert len(np.unique(np.round(levels))) > (4 if bits == 8 else 1), name
+
+  # The jitted evaluator computes exactly that.
+  range_arg = ranges_lib.range_tree(ranges)
+  evaluator = ptq.Evaluator(model, first_last_bits=8)
+  two = jnp.int32(2)
+  want = ptq.quantized_apply(
+    model, qvars, range_arg, 2, images, point_bits=a_bits
+  )
+  got = evaluator.quantized_logits(folded, range_arg, two, two, images)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  plain = ptq.Evaluator(model).quantized_logits(
+    folded, range_arg, two, two, images
+  )
+  assert not np.allclose(got, plain)
+
+
+def test_first_last_bits_sweep_compiles_once_and_changes_nothing_at_8_bits(
+  digits_setup,
+):
+  _, _, folded, ranges, batches, evaluator = digits_setup
+  model = evaluator.model
+  kept = ptq.Evaluator(model, first_last_bits=8, max_traces=1)
+  pairs = [(16, 16), (8, 8), (4, 4), (2, 2), (3, 2)]
+  float_kept, kept_stats = ptq.sweep(kept, folded, ranges, pairs, batches)
+  float_all, all_stats = ptq.sweep(evaluator, folded, ranges, pairs, batches)
+  assert float_kept == float_all
+  # At W, A >= 8 the option changes nothing, bit for bit.
+  for pair in [(16, 16), (8, 8)]:
+    assert kept_stats[pair] == all_stats[pair]
+  # Below, the end layers are quantized less: other numbers.
+  assert kept_stats[(2, 2)] != all_stats[(2, 2)]
+  # New bit-widths and ranges: still one trace (max_traces=1 raises).
+  wider = {k: (lo, 2 * hi) for k, (lo, hi) in ranges.items()}
+  ptq.sweep(kept, folded, wider, [(5, 7), (2, 3)], batches)
+
+
+def test_default_evaluation_is_the_every_layer_quantizer(digits_setup):
+  """The default path is bit for bit quantize_kernels + quantized_activations."""
+  model, _, folded, ranges, batches, _ = digits_setup
+  images = batches[0]["image"]
+  range_arg = ranges_lib.range_tree(ranges)
+  for w, a in [(4, 4), (3, 2)]:
+
+    def reference(variables, r, w_bits, a_bits, x):
+      q = folded.replace(
+        params=quant_lib.quantize_kernels(variables.params, w_bits)
+      )
+      with quant_lib.quantized_activations(a_bits, r):
+        return ranges_lib.apply_model(model, q, x)
+
+    want = jax.jit(reference)(
+      folded, range_arg, jnp.int32(w), jnp.int32(a), images
+    )
+    for evaluator in (
+      ptq.Evaluator(model),
+      ptq.Evaluator(model, first_last_bits=0),
+    ):
+      got = evaluator.quantized_logits(
+        folded, range_arg, jnp.int32(w), jnp.int32(a), images
+      )
+      np.testing.assert_array_equal(got, want)
+
+
+def test_first_last_layers_follow_call_order_not_names():
+  class Reversed(nn.Module):
+    """``z_first`` runs first and ``a_last`` last: dict order is reversed."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+      x = nn.relu(nn.Dense(4, name="z_first")(x))
+      x = nn.relu(nn.Dense(4, name="m_middle")(x))
+      return nn.Dense(2, name="a_last")(x)
+
+  model = Reversed()
+  x = jnp.ones((2, 3))
+  variables = model.init(jax.random.key(0), x)
+  kernels, _ = params_lib.split_kernels(variables["params"])
+  assert list(kernels) == ["a_last", "m_middle", "z_first"]  # sorted names
+  calls = perturb.layer_inputs(lambda v, x: model.apply(v, x), variables, x)
+  assert calls == [
+    perturb.LayerInput("z_first", None),
+    perturb.LayerInput("m_middle", "m_middle"),
+    perturb.LayerInput("a_last", "a_last"),
+  ]
+  assert ptq.first_last_layers(model, variables, x) == ptq.FirstLast(
+    "z_first", "a_last", "a_last"
+  )
+
+
+def test_settings_first_last_bits():
+  assert ptq.Settings().first_last_bits is None
+  assert ptq.Settings(first_last_bits=0).first_last_bits is None
+  assert ptq.Settings(first_last_bits=8).to_json()["first_last_bits"] == 8
+  for bad in (1, 17, -8):
+    with pytest.raises(errors.ConfigError, match="--first_last_bits"):
+      runs_lib.Settings(first_last_bits=bad)
+
+
+def test_report_names_its_conventions_under_every_table():
+  results = _results("a", "none", 0, [0.9, 0.8]) + _results(
+    "b", "none", 1, [0.9, 0.7]
+  )
+  ends = {"first": "Conv_0", "last": "Dense_1", "last_input": "Dense_1"}
+  runs = [
+    {"run": r, "step": 1, "first_last_layers": {**ends, "bits": 8}}
+    for r in ("a", "b")
+  ]
+  settings = ptq.Settings(bits=((8, 4),), first_last_bits=8, per_channel=True)
+  report = report_lib.Report(settings, runs, results, group_by="method")
+  conv = report.to_json()["conventions"]
+  assert list(conv) == list(report_lib.CONVENTION_KEYS)
+  assert "Conv_0 and Dense_1 weights" in conv["first_last_layers"]
+  assert "8 bits" in conv["first_last_layers"]
+  assert "per output channel" in conv["weights"]
+  assert "folded" in conv["batch_norm"]
+  assert "layer_inputs" in conv["shortcuts"]
+  assert report.to_json()["settings"]["first_last_bits"] == 8
+  md = report.markdown
+  # Under the accuracy, KL and per-run tables.
+  assert md.count("Conventions — ") == 3
+  assert "first/last layers: Conv_0 and Dense_1 weights" in md
+  default = report_lib.Report(ptq.Settings(bits=((8, 4),)), runs, results)
+  text = default.to_json()["conventions"]["first_last_layers"]
+  assert "like every layer" in text and "Conv_0 and Dense_1" in text
+  assert "per tensor" in default.markdown
+
+
+def test_eval_ptq_first_last_bits_flag(trained, tmp_path, capsys):
+  plain = trained[0]
+  common = ["--workdir", plain, "--bits", "8:8,2:2", "--max_examples", "100"]
+  _main(*common, "--out", str(tmp_path / "all"))
+  _main(*common, "--out", str(tmp_path / "ends"), "--first_last_bits", "8")
+  capsys.readouterr()
+  every = json.load(open(tmp_path / "all" / "ptq.json"))
+  ends = json.load(open(tmp_path / "ends" / "ptq.json"))
+  assert every["settings"]["first_last_bits"] is None
+  assert ends["settings"]["first_last_bits"] == 8
+  assert ends["runs"][0]["first_last_layers"] == {
+    "first": "Conv_0",
+    "last": "Dense_1",
+    "last_input": "Dense_1",
+    "bits": 8,
+  }
+  by_pair = lambda d: {(r["w_bits"], r["a_bits"]): r for r in d["results"]}
+  assert by_pair(ends)[(8, 8)] == by_pair(every)[(8, 8)]
+  md = (tmp_path / "ends" / "ptq.md").read_text()
+  assert "Dense_1 kept at 8 bits" in md
+  _expect_user_error(
+    capsys, *common, "--first_last_bits", "1", match=["--first_last_bits"]
+  )
+  _expect_user_error(
+    capsys,
+    *common,
+    "--first_last_bits",
+    "8",
+    "--export",
+    "4:4",
+    "--export_dir",
+    str(tmp_path / "x"),
+    match=["--first_last_bits"],
+  )

@@ -96,7 +96,10 @@ def test_ste_forward_uses_quantized_values_and_training_moves_weights(
 ):
   base_dir = tiny_runs(max_steps=3)
   config = tiny_digits(
-    max_steps=3, init_from=base_dir, learning_rate=0.01, **{"qat.bits": "2:2"}
+    max_steps=3,
+    init_from=base_dir,
+    learning_rate=0.01,
+    **{"qat.bits": "2:2", "qat.scheme": "unfolded"},
   )
   model = train.create_model(config)
   run = checkpoint.load_run(base_dir)
