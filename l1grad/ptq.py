@@ -20,6 +20,12 @@ integer model would compute (docs/method.md §2):
   regularizer and the quantizer see the same tensors;
 * activation ranges from :mod:`l1grad.ranges` (batch norm or calibration).
 
+The module is long but holds one kind of thing, quantized evaluation: the
+quantized forward pass and its per-layer bit-widths, the jitted evaluator and
+sweep, and the per-run evaluation behind ``eval_ptq.py``; its last ~40 lines
+only keep names that moved to :mod:`l1grad.ranges`, :mod:`l1grad.runs` and
+:mod:`l1grad.report` importable from here.
+
 Bit-widths are traced values: :class:`Evaluator` compiles one function that
 serves a whole sweep. :func:`evaluate` is what ``eval_ptq.py`` calls: it
 loads each run (:func:`l1grad.runs.prepare_run`), sweeps the bit-widths, and
