@@ -19,6 +19,19 @@ Variants:
   l2_hvp          ℓ2 penalty, exact (linearize)
   dq              Defensive Quantization's orthogonality term
   ste             STE quantization-aware step at ``--ste-bits`` (W:A)
+  l1_lazy4        lazy regularization, ``reg.every_steps=4``: the trainer's
+                  ℓ1 step (λ × 4) then 3 plain steps, timed as whole cycles;
+                  time and flops per step amortized, memory the ℓ1 step's
+  l1_lazy16       the same with k = 16 (StyleGAN2's choice)
+  l1_remat        ℓ1 exact, the loss under ``jax.checkpoint``
+                  (``nothing_saveable``) before ``penalty.value_and_grad``
+  l1_remat_dots   the same, policy ``dots_saveable``
+  l1_remat_convs  the same, convolution outputs saveable
+  l1_jvp_known_tangent  prototype: one ``jax.jvp`` of the gradient along the
+                  previous step's sign (carried in the state): no stored
+                  linearization, an approximation (``make_jvp_step``)
+  l1_hvp_two_pass prototype, exact: a gradient pass for this step's sign,
+                  then that jvp pass (``make_jvp_step``)
   torch_plain     the PyTorch peer's plain step (``--peer``; VGG/ResNet only)
   torch_l1        the PyTorch peer's double-backward ℓ1 step (``--peer``)
 
@@ -75,7 +88,28 @@ JAX_VARIANTS = (
   "l2_hvp",
   "dq",
   "ste",
+  "l1_lazy4",
+  "l1_lazy16",
+  "l1_remat",
+  "l1_remat_dots",
+  "l1_remat_convs",
+  "l1_jvp_known_tangent",
+  "l1_hvp_two_pass",
 )
+# Lazy regularization: the ℓ1 step every k-th step (coefficient × k), the
+# plain step in between; timed as one real k-step cycle.
+LAZY_VARIANTS = {"l1_lazy4": 4, "l1_lazy16": 16}
+# The ℓ1 step with the loss under jax.checkpoint, by rematerialization policy.
+REMAT_VARIANTS = {
+  "l1_remat": "nothing_saveable",
+  "l1_remat_dots": "dots_saveable",
+  "l1_remat_convs": "convs_saveable",
+}
+# The ℓ1 step by jax.jvp of the gradient, by where its tangent comes from.
+JVP_VARIANTS = {
+  "l1_jvp_known_tangent": "previous",
+  "l1_hvp_two_pass": "current",
+}
 PEER_VARIANTS = ("torch_plain", "torch_l1")
 DEFAULT_VARIANTS = JAX_VARIANTS
 
@@ -249,6 +283,16 @@ def variant_config(base, variant: str, ste_bits: str):
     pass
   elif variant == "plain_tracked":
     config.track_act_grad = True
+  elif (
+    variant in LAZY_VARIANTS
+    or variant in REMAT_VARIANTS
+    or variant in JVP_VARIANTS
+  ):
+    # All exact ℓ1 at λ = 0.05; how the step is built differs.
+    config.reg.kind = "l1"
+    config.reg.weight_coef = 0.05
+    config.reg.every_steps = LAZY_VARIANTS.get(variant, 1)
+    regularized = True
   elif variant.startswith(("l1_", "l2_")):
     kind, method = variant.split("_", 1)
     config.reg.kind = kind
@@ -406,25 +450,67 @@ def build_jax_variant(
   state = jax.device_put(
     jax.tree.map(lambda x: jnp.array(x, copy=True), state), replicated
   )
-  step = make_train_step(
-    model, config, tx, lr, regularized=regularized, hvp_impl=hvp_impl
-  )
-  jitted = jax.jit(
-    step,
-    donate_argnums=0,
-    in_shardings=(replicated, batch_sharding, replicated),
-    out_shardings=(replicated, replicated),
-  )
-  max_pool = nn.max_pool
-  if "rpool" in mods:
-    nn.max_pool = _reshape_max_pool(max_pool)
-  try:
-    t0 = time.perf_counter()
-    lowered = jitted.lower(state, batch, rng)
-    compiled = lowered.compile(compiler_options=compiler_options or None)
-    compile_s = time.perf_counter() - t0
-  finally:
-    nn.max_pool = max_pool
+
+  def compile_step(step, state):
+    jitted = jax.jit(
+      step,
+      donate_argnums=0,
+      in_shardings=(replicated, batch_sharding, replicated),
+      out_shardings=(replicated, replicated),
+    )
+    max_pool = nn.max_pool
+    if "rpool" in mods:
+      nn.max_pool = _reshape_max_pool(max_pool)
+    try:
+      t0 = time.perf_counter()
+      lowered = jitted.lower(state, batch, rng)
+      compiled = lowered.compile(compiler_options=compiler_options or None)
+      compile_s = time.perf_counter() - t0
+    finally:
+      nn.max_pool = max_pool
+    return compiled, compile_s
+
+  if base in LAZY_VARIANTS:
+    return _build_lazy_cycle(
+      model, config, tx, lr, state, compile_step, batch, rng
+    )
+  if base in JVP_VARIANTS:
+    step, init_signs = make_jvp_step(
+      model, config, tx, lr, tangent=JVP_VARIANTS[base]
+    )
+    # The tangent of the first step: the gradient's sign at the start (the
+    # trainer would carry it over from the previous step).
+    state = init_signs(state, batch, rng)
+  elif base in REMAT_VARIANTS:
+    with _remat_loss(train, REMAT_VARIANTS[base]):
+      step = train.make_train_step(
+        model, config, tx, lr, regularized=regularized
+      )
+  else:
+    step = make_train_step(
+      model, config, tx, lr, regularized=regularized, hvp_impl=hvp_impl
+    )
+  compiled, compile_s = compile_step(step, state)
+  holder = {"state": state}
+
+  def run(steps: int) -> None:
+    s = holder["state"]
+    for _ in range(steps):
+      s, _ = compiled(s, batch, rng)
+    jax.block_until_ready(s)
+    holder["state"] = s
+
+  return {
+    "run": run,
+    "compiled": compiled,
+    "framework": "jax",
+    "compile_s": compile_s,
+    **_cost(compiled),
+  }
+
+
+def _cost(compiled) -> dict[str, Any]:
+  """XLA's flops, bytes accessed and memory of one compiled step."""
   cost = _first(compiled.cost_analysis()) or {}
   mem = compiled.memory_analysis()
   memory = None
@@ -441,24 +527,243 @@ def build_jax_variant(
       - memory["alias_bytes"]
       + memory["temp_bytes"]
     )
-  holder = {"state": state}
-
-  def run(steps: int) -> None:
-    s = holder["state"]
-    for _ in range(steps):
-      s, _ = compiled(s, batch, rng)
-    jax.block_until_ready(s)
-    holder["state"] = s
-
   return {
-    "run": run,
-    "compiled": compiled,
-    "framework": "jax",
-    "compile_s": compile_s,
     "flops": float(cost.get("flops", float("nan"))),
     "bytes_accessed": float(cost.get("bytes accessed", float("nan"))),
     "memory": memory,
   }
+
+
+def _build_lazy_cycle(model, config, tx, lr, state, compile_step, batch, rng):
+  """Lazy regularization as the trainer runs it: one real k-step cycle.
+
+  The trainer's two variants of an ℓ1 run with ``reg.every_steps = k``: the
+  regularized step built from ``train.lazy_step_config`` (λ × k) on the
+  cycle's first step, the plain step on the k − 1 others. A timed call runs
+  whole cycles (at least ``--steps`` steps) and reports the time per step.
+  Flops are the cycle's mean per step; memory is the regularized step's (the
+  peak of the cycle: laziness saves time, not memory).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from l1grad import config_lib  # pylint: disable=g-import-not-at-top
+  from l1grad import train  # pylint: disable=g-import-not-at-top
+
+  k = config_lib.reg_every_steps(config)
+  plain, plain_s = compile_step(
+    train.make_train_step(model, config, tx, lr, regularized=False), state
+  )
+  reg, reg_s = compile_step(
+    train.make_train_step(
+      model, train.lazy_step_config(config), tx, lr, regularized=True
+    ),
+    state,
+  )
+  holder = {"state": state}
+
+  def run(steps: int) -> None:
+    s = holder["state"]
+    for i in range(steps):
+      s, _ = (reg if i % k == 0 else plain)(s, batch, rng)
+    jax.block_until_ready(s)
+    holder["state"] = s
+
+  plain_cost, reg_cost = _cost(plain), _cost(reg)
+  mean = lambda key: ((k - 1) * plain_cost[key] + reg_cost[key]) / k
+  return {
+    "run": run,
+    "steps": lambda steps: k * -(-steps // k),  # whole cycles
+    "compiled": reg,
+    "framework": "jax",
+    "compile_s": plain_s + reg_s,
+    "flops": mean("flops"),
+    "bytes_accessed": mean("bytes_accessed"),
+    "memory": reg_cost["memory"],
+    "every_steps": k,
+  }
+
+
+def _checkpoint_policy(name: str):
+  import jax  # pylint: disable=g-import-not-at-top
+
+  if name == "convs_saveable":
+    # Keep the convolutions' outputs, recompute the rest (BatchNorm, ReLU,
+    # pooling) in the backward pass.
+    return lambda prim, *_, **__: prim.name == "conv_general_dilated"
+  return getattr(jax.checkpoint_policies, name)
+
+
+@contextlib.contextmanager
+def _remat_loss(train, policy_name: str):
+  """``train.make_loss_fn`` returns its loss under ``jax.checkpoint``.
+
+  The trainer's step is then built unchanged around it: ``penalty.
+  value_and_grad`` linearizes the gradient of a rematerialized loss.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+
+  original = train.make_loss_fn
+  policy = _checkpoint_policy(policy_name)
+
+  def make_loss_fn(*args, **kwargs):
+    loss_fn = original(*args, **kwargs)
+
+    def remat_loss(*loss_args):
+      # A new function object per call: jax.checkpoint caches its trace by
+      # function and argument shapes, blind to the perturbation interceptor
+      # around the call (perturb.perturbed), so one shared function would
+      # replay the first trace, without the activation perturbations.
+      def fresh(*inner):
+        return loss_fn(*inner)
+
+      return jax.checkpoint(fresh, policy=policy)(*loss_args)
+
+    return remat_loss
+
+  train.make_loss_fn = make_loss_fn
+  try:
+    yield
+  finally:
+    train.make_loss_fn = original
+
+
+def make_jvp_step(model, config, tx, lr, *, tangent: str):
+  """Prototypes: the ℓ1 step by ``jax.jvp`` of the gradient function.
+
+  The trainer's exact step (``jax.linearize``) stores the whole
+  linearization, primal activations and every primal backward cotangent,
+  because its tangent t = λ·sign(∇L) is known only after the gradient. A
+  forward-over-reverse ``jax.jvp`` along a tangent known before it starts
+  computes ∇L and H·t in one pass, each cotangent beside its tangent, and
+  stores nothing of the backward pass. Two ways to know t first:
+
+  * ``tangent="previous"`` (``l1_jvp_known_tangent``): the sign of the
+    previous step's gradient, carried in the state: one pass, an
+    approximation where signs flip between steps; and the activation signs
+    belong to the previous batch's examples, so on real data only the
+    weight term's tangent carries over (the benchmark's fixed batch hides
+    that; ``benchmarks/sign_flips.py`` measures both).
+  * ``tangent="current"`` (``l1_hvp_two_pass``): exact; a plain gradient
+    pass gives this step's sign, then the jvp pass recomputes the gradient
+    with H·t. An ``optimization_barrier`` between them keeps XLA from
+    merging the second pass's primal with the first (which would keep the
+    first pass's cotangents alive: the linearize memory again).
+
+  Built from public pieces (``train.make_loss_fn``, ``l1grad.perturb``,
+  ``l1grad.params``) the way ``penalty.value_and_grad`` is.
+
+  Returns:
+    ``(train_step, init_signs)``: ``train_step(state, batch, rng)`` on
+    ``state = {"train": TrainState, "sign_w": [int8], "sign_a": {int8}}``
+    (the sign lists empty for ``"current"``), and ``init_signs(train_state,
+    batch, rng)``, that state with the signs of the gradient at
+    ``train_state`` (for ``"current"``: empty).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+
+  from l1grad import config_lib  # pylint: disable=g-import-not-at-top
+  from l1grad import params as params_lib  # pylint: disable=g-import-not-at-top
+  from l1grad import penalty  # pylint: disable=g-import-not-at-top
+  from l1grad import perturb  # pylint: disable=g-import-not-at-top
+  from l1grad import train  # pylint: disable=g-import-not-at-top
+
+  loss_fn = train.make_loss_fn(model, config, regularized=True)
+  w_coef = config.reg.weight_coef
+  a_coef = config_lib.act_coef(config)
+  points = config.reg.get("points", "layer_inputs")
+
+  def setup(ts, batch, rng):
+    """The gradient function of (kernels, ε), its primal point, its args."""
+    args = (
+      ts.batch_stats,
+      batch["image"],
+      batch["label"],
+      jax.random.fold_in(rng, ts.step),
+    )
+    loss_of = lambda p: loss_fn(p, *args)
+    eps = perturb.zero_perturbations(
+      perturb.activation_shapes(loss_of, ts.params)
+    )
+    sites = perturb.point_sites(points, loss_of, ts.params)
+    named, merge = params_lib.split_kernels(ts.params)
+    names = list(named)
+
+    def loss_eps(p, e):
+      with perturb.perturbed(e, sites=sites):
+        return loss_fn(p, *args)
+
+    def grads_at(kernels, e):
+      p = merge(dict(zip(names, kernels)))
+      (loss, aux), (g_p, g_e) = jax.value_and_grad(
+        loss_eps, argnums=(0, 1), has_aux=True
+      )(p, e)
+      return (g_p, g_e), (loss, aux)
+
+    return grads_at, list(named.values()), eps
+
+  def signs(g_p, g_e):
+    sign = lambda g: jnp.sign(g).astype(jnp.int8)
+    g_w = list(params_lib.split_kernels(g_p)[0].values())
+    return [sign(g) for g in g_w], {k: sign(v) for k, v in g_e.items()}
+
+  @jax.jit
+  def init_signs(ts, batch, rng):
+    if tangent == "current":
+      return {"train": ts, "sign_w": [], "sign_a": {}}
+    grads_at, kernels, eps = setup(ts, batch, rng)
+    (g_p, g_e), _ = grads_at(kernels, eps)
+    sign_w, sign_a = signs(g_p, g_e)
+    return {"train": ts, "sign_w": sign_w, "sign_a": sign_a}
+
+  def train_step(state, batch, rng):
+    ts = state["train"]
+    grads_at, kernels, eps = setup(ts, batch, rng)
+    sign_w, sign_a = state["sign_w"], state["sign_a"]
+    if tangent == "current":
+      (g_p, g_e), _ = grads_at(kernels, eps)
+      sign_w, sign_a = signs(g_p, g_e)
+      # The second pass must start after the first has ended, or XLA runs
+      # its forward early and both passes' activations live at once (an
+      # optimization_barrier does not order them on XLA:CPU: it is expanded
+      # away). Each kernel is made to depend on its own gradient's sign by a
+      # select that never fires (a sign is never 2), which XLA cannot drop;
+      # layer 0's gradient comes last in the backward pass.
+      kernels = [
+        jnp.where(s == 2, jnp.zeros_like(k), k) for k, s in zip(kernels, sign_w)
+      ]
+    t_w = [w_coef * s.astype(k.dtype) for s, k in zip(sign_w, kernels)]
+    t_a = {k: a_coef * sign_a[k].astype(v.dtype) for k, v in eps.items()}
+    # One pass: the primal gradient and H·t, no stored linearization.
+    (g_p, g_e), (hv, _), (loss, aux) = jax.jvp(
+      grads_at, (kernels, eps), (t_w, t_a), has_aux=True
+    )
+    grads = jax.tree.map(jnp.add, g_p, hv)
+    norms = penalty.gradient_norms(
+      list(params_lib.split_kernels(g_p)[0].values()), g_e
+    )
+    pen = w_coef * norms["weight_grad_l1"] + a_coef * norms["act_grad_l1"]
+    updates, opt_state = tx.update(grads, ts.opt_state, ts.params)
+    params = optax.apply_updates(ts.params, updates)
+    new = ts.replace(
+      step=ts.step + 1,
+      params=params,
+      batch_stats=aux["batch_stats"],
+      opt_state=opt_state,
+    )
+    sign_w, sign_a = ([], {}) if tangent == "current" else signs(g_p, g_e)
+    metrics = {
+      "total_loss": loss + pen,
+      "cross_entropy": aux["cross_entropy"],
+      "penalty": pen,
+      **norms,
+      "grad_norm": optax.tree.norm(grads),
+      "learning_rate": lr(ts.step),
+    }
+    return {"train": new, "sign_w": sign_w, "sign_a": sign_a}, metrics
+
+  return train_step, init_signs
 
 
 def build_peer_variant(
@@ -560,10 +865,11 @@ def bench_model(model_name: str, variants: list[str], args) -> dict[str, Any]:
   for r in range(0 if args.compile_only else args.repeats):
     order = names[r % len(names) :] + names[: r % len(names)]
     for v in order:
+      steps = built[v].get("steps", lambda n: n)(args.steps)
       c0, t0 = time.process_time(), time.perf_counter()
-      built[v]["run"](args.steps)
-      times[v].append((time.perf_counter() - t0) / args.steps)
-      cpu_times[v].append((time.process_time() - c0) / args.steps)
+      built[v]["run"](steps)
+      times[v].append((time.perf_counter() - t0) / steps)
+      cpu_times[v].append((time.process_time() - c0) / steps)
     loads.append(os.getloadavg())
 
   timed = not args.compile_only
@@ -596,6 +902,12 @@ def bench_model(model_name: str, variants: list[str], args) -> dict[str, Any]:
       "bytes_accessed": b["bytes_accessed"],
       "memory": b["memory"],
     }
+    k = b.get("every_steps")
+    if k and timed and plain and med.get("l1_hvp"):
+      # What the cycle should cost from the separately timed steps:
+      # ((k − 1)·plain + exact)/k, to compare with the timed cycle.
+      row["every_steps"] = k
+      row["ratio_from_parts"] = ((k - 1) * plain + med["l1_hvp"]) / k / plain
     if plain_b is not None and b["framework"] == "jax":
       row["flops_ratio"] = b["flops"] / plain_b["flops"]
       if b["memory"] and plain_b["memory"]:

@@ -13,10 +13,22 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
 
-  # Data: "digits" (embedded, scikit-learn), "cifar10", "imagenet2012" (tfds).
+  # Data: "digits" (embedded, scikit-learn), "fashion_mnist" (IDX files or
+  # tfds), "cifar10", "imagenet2012" (tfds).
   config.dataset = "digits"
-  config.data_dir = ""  # tfds data dir; "" = tfds default ($TFDS_DATA_DIR).
+  # tfds data dir; "" = tfds default ($TFDS_DATA_DIR). Fashion-MNIST also
+  # reads its four IDX files from here, else from a tfds build, else from
+  # Debian's /usr/share/datasets/fashion-mnist ($L1GRAD_FASHION_MNIST_DIR).
+  config.data_dir = ""
   config.worker_count = 0  # grain worker processes for the training input.
+  # Hold out this many examples of the official training split as the
+  # "minival" split, for model selection (training never sees them); 0: none.
+  # Fixed whatever the seed; stratified by label for digits and Fashion-MNIST
+  # IDX files, a seeded uniform subset for tfds datasets.
+  config.minival_examples = 0
+  # Train on a fixed (stratified where possible) subset of this many of the
+  # remaining training examples, for quick runs; -1: all.
+  config.max_train_examples = -1
 
   # Model: a name from l1grad.models.MODEL_NAMES; model_kwargs are its fields.
   config.model = "digits_cnn"
@@ -56,6 +68,24 @@ def get_config() -> ml_collections.ConfigDict:
   config.reg.act_norm = "none"
   # Regularize only the last N epochs (the paper: 15); -1: every epoch.
   config.reg.last_epochs = -1
+  # l1 only: "bin_width" weights each tensor's term by its bin width at
+  # reg.target_bits ("W:A"), so the penalty is λ·Σ (Δ/2)·|∇L|, the paper's
+  # first-order bound on the loss change of quantizing at those bits
+  # (docs/method.md §1.1): λ_w·Δ/2 per kernel, λ_a·Δ/2 per activation, Δ from
+  # the current folded params and DFQ ranges at every step (held fixed in
+  # the derivative). "none": one λ for every tensor (the paper's).
+  config.reg.weighting = "none"
+  config.reg.target_bits = ""  # "W:A" for "bin_width", e.g. "4:4".
+  # Lazy regularization (StyleGAN2's lazy R1): k > 1 runs the penalty only
+  # on every k-th step of the regularized phase (counted from its first step)
+  # with its coefficients multiplied by k there, the plain step in between:
+  # the same penalty per step on average, at about 1 + (r − 1)/k times a plain
+  # step's cost for a penalty costing r×. weight_coef and act_coef stay the
+  # per-step λ (tune λ as for k = 1; the trainer does the × k). Logs: the
+  # row's `regularized` is 1 on penalty steps, whose `penalty` is k× the
+  # per-step value (0 on the others; the gradient norms are logged on every
+  # step). Applies to l1, l2 and dq; 1: every step.
+  config.reg.every_steps = 1
 
   # Fine-tuning: workdir of another run; its latest params and batch stats
   # are the start (optimizer and step start afresh).
@@ -82,7 +112,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_every_epochs = 1  # -1: only at the end.
   config.checkpoint_every_steps = -1  # -1: once per epoch.
   config.keep_checkpoints = 3
-  config.max_eval_examples = -1  # -1: the whole test split.
+  # The split the periodic evaluation reads: "test" or "minival" (needs
+  # minival_examples). Its metrics keep the names test_accuracy/test_loss;
+  # the row's eval_on_minival (1 or 0) says which split they come from.
+  config.eval_split = "test"
+  config.max_eval_examples = -1  # -1: the whole evaluation split.
   # Testing hook: stop after this many steps (-1: the full schedule).
   config.max_steps = -1
   return config

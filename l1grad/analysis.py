@@ -55,6 +55,7 @@ from l1grad import errors
 from l1grad import expansion
 from l1grad import fold
 from l1grad import params as params_lib
+from l1grad import penalty
 from l1grad import plots
 from l1grad import ptq
 from l1grad import ranges as ranges_lib
@@ -68,6 +69,7 @@ __all__ = [
   "Settings",
   "analyze",
   "analyze_run",
+  "finite_difference_cosines",
   "pearson",
   "spearman",
 ]
@@ -420,6 +422,7 @@ def analyze_run(
     global_batch_size=batch_size,
     data_dir=runs.data_dir(config),
     max_examples=max_examples,
+    minival_examples=int(runs.config_value(config, "minival_examples", 0)),
   )
   variables = prepared.eval_variables
   ranges = None if dynamic else ranges_lib.range_tree(prepared.ranges)
@@ -625,6 +628,227 @@ def analyze(
   if write:
     files = report_lib.write_analysis(report, out_dir or workdirs[0], plot=plot)
   return report, files
+
+
+# ---------------------------------------------------------------------------
+# How well the finite-difference penalty gradient points (training mode).
+# ---------------------------------------------------------------------------
+
+
+def _penalty_coefs(config: Any, coef: Any) -> tuple[float, float]:
+  """(λ_w, λ_a): ``coef`` (one number or a pair), else the run's, else 1."""
+  if coef is not None:
+    if isinstance(coef, (int, float)):
+      return float(coef), float(coef)
+    w, a = coef
+    return float(w), float(a)
+  reg = runs.config_value(config, "reg", None)
+  kind = runs.config_value(reg, "kind", "none")
+  w = float(runs.config_value(reg, "weight_coef", 0.0))
+  a = float(runs.config_value(reg, "act_coef", -1.0))
+  a = w if a == -1 else a  # -1: the paper's single λ
+  if kind in ("l1", "l2") and (w or a):
+    return w, a
+  # A base model has no λ: the cosine depends only on λ_a/λ_w, and the
+  # paper's single λ makes that 1.
+  return 1.0, 1.0
+
+
+def finite_difference_cosines(
+  workdir: str,
+  *,
+  num_batches: int = 16,
+  batch_size: int | None = None,
+  split: str = "train",
+  seed: int = 0,
+  coef: float | tuple[float, float] | None = None,
+  fd_step: float | None = None,
+  minival_examples: int | None = None,
+  data_dir: str | None = None,
+  step: int | None = None,
+  method: str = "finite_difference",
+  reference: str = "hvp",
+) -> dict[str, Any]:
+  """Per batch, cos∠(finite-difference, exact) gradient of a run's penalty.
+
+  The loss is the trainer's (:func:`l1grad.train.make_loss_fn`, batch norm
+  in train mode on the batch's own statistics, the regularized variant), at
+  the run's trained parameters and batch statistics, so each cosine compares
+  the direction the regularized training step would add with
+  ``reg.method=finite_difference`` to the exact one
+  (:func:`l1grad.penalty.penalty_gradient_cosine`). A folded-STE run's
+  activation ranges are computed outside the penalty, as the step does.
+  The norm is the ℓ1 of the paper unless the run is ``reg.kind=l2``.
+
+  Args:
+    workdir: A directory the trainer wrote.
+    num_batches: How many distinct batches.
+    batch_size: Examples per batch; default the run's training batch size.
+    split: ``"train"``: the first ``num_batches`` training batches of data
+      seed ``seed``, augmented as in training; another split (``"test"``):
+      its first full batches in order (a padded last batch is skipped, so
+      fewer than ``num_batches`` may come back).
+    seed: Data seed of ``"train"`` and the dropout key of each batch.
+    coef: λ_w = λ_a, or a pair (λ_w, λ_a); default the run's
+      ``reg.weight_coef``/``reg.act_coef`` when it is an l1/l2 run, else
+      1.0. A common scale of λ_w and λ_a leaves the cosine unchanged; their
+      ratio does not.
+    fd_step: The probe distance; default the run's ``reg.fd_step``.
+    minival_examples: Training examples held out as the minival split,
+      passed to the input pipeline when non-zero; default the run's
+      ``config.minival_examples`` (0 where it has none).
+    data_dir: tfds data directory; default the run's.
+    step: Checkpoint step; default the latest.
+    method: The method measured (:data:`l1grad.penalty.METHODS`).
+    reference: The method compared with.
+
+  Returns:
+    ``{"cosines", "norms", "reference_norms"}`` per batch (None where not
+    finite), ``"median"``, ``"min"``, ``"max"`` over the finite cosines
+    (None if none), ``"fd_step"``, ``"coef"`` (``{"weight_coef",
+    "act_coef"}``), ``"num_batches"`` (batches measured), ``"batch_size"``,
+    ``"split"``, ``"method"``, ``"reference"``, ``"step"``, ``"workdir"``.
+
+  Raises:
+    errors.UserError: No or unreadable checkpoint, a checkpoint that does
+      not fit its config, unprepared data, bad arguments.
+  """
+  # Imported here, like analyze_run's: the trainer pulls in Orbax and the
+  # input pipeline.
+  # pylint: disable=g-import-not-at-top
+  from l1grad import checkpoint
+  from l1grad import data
+  from l1grad import models
+  from l1grad import qat
+  from l1grad import train
+  # pylint: enable=g-import-not-at-top
+
+  if num_batches < 1:
+    raise errors.ConfigError(f"num_batches must be >= 1, got {num_batches}.")
+  for name, m in (("method", method), ("reference", reference)):
+    if m not in penalty.METHODS:
+      raise errors.ConfigError(
+        f"{name} must be one of {penalty.METHODS}, got {m!r}."
+      )
+  run = checkpoint.load_run(workdir, step=step)
+  config = run.config
+  reg = runs.config_value(config, "reg", None)
+  data_dir = data_dir or runs.data_dir(config)
+  batch_size = batch_size or int(config.batch_size)
+  if batch_size < 1:
+    raise errors.ConfigError(f"batch_size must be >= 1, got {batch_size}.")
+  if fd_step is None:
+    fd_step = float(runs.config_value(reg, "fd_step", 1e-3))
+  if minival_examples is None:
+    minival_examples = int(runs.config_value(config, "minival_examples", 0))
+  weight_coef, act_coef = _penalty_coefs(config, coef)
+
+  info = data.get_info(config.dataset, data_dir=data_dir)
+  model = models.from_config(config, info.num_classes)
+  params = jax.tree.map(jnp.asarray, run.params)
+  batch_stats = jax.tree.map(jnp.asarray, run.batch_stats or {})
+  variables = {"params": params}
+  if batch_stats:
+    variables["batch_stats"] = batch_stats
+  runs.check_variables_match(
+    model,
+    variables,
+    np.zeros((1, *info.image_shape), np.float32),
+    where=f"The checkpoint in {workdir} (step {run.step})",
+  )
+  loss_fn = train.make_loss_fn(model, config, regularized=True)
+  folded_ste = qat.from_config(model, config)
+
+  @jax.jit
+  def measure(params, batch_stats, images, labels, rng):
+    extra = ()
+    if folded_ste is not None:
+      ste = folded_ste(images.shape[1:], images.dtype)
+      extra = (ste.ranges(params, batch_stats),)
+    return penalty.penalty_gradient_cosine(
+      loss_fn,
+      params,
+      batch_stats,
+      images,
+      labels,
+      rng,
+      *extra,
+      has_aux=True,
+      weight_coef=weight_coef,
+      act_coef=act_coef,
+      method=method,
+      reference=reference,
+      fd_step=fd_step,
+      points=runs.config_value(reg, "points", "layer_inputs"),
+      act_norm=runs.config_value(reg, "act_norm", "none"),
+      ord=2 if runs.config_value(reg, "kind", "none") == "l2" else 1,
+    )
+
+  # Passed only when set: the keyword is newer than the input pipeline's
+  # other arguments.
+  extra_data = (
+    {"minival_examples": minival_examples} if minival_examples else {}
+  )
+  if split == "train":
+    batches = data.train_batches(
+      config.dataset,
+      global_batch_size=batch_size,
+      seed=seed,
+      data_dir=data_dir,
+      **extra_data,
+    )
+  else:
+    batches = data.eval_batches(
+      config.dataset,
+      split,
+      global_batch_size=batch_size,
+      data_dir=data_dir,
+      max_examples=num_batches * batch_size,
+      **extra_data,
+    )
+  cosines, norms, ref_norms = [], [], []
+  key = jax.random.key(seed)
+  for batch in batches:
+    if "mask" in batch and not np.all(batch["mask"]):
+      continue  # padding would enter the batch statistics and the loss
+    out = jax.device_get(
+      measure(
+        params,
+        batch_stats,
+        jnp.asarray(batch["image"]),
+        jnp.asarray(batch["label"]),
+        jax.random.fold_in(key, len(cosines)),
+      )
+    )
+    cosines.append(float(out.cosine))
+    norms.append(float(out.norm))
+    ref_norms.append(float(out.reference_norm))
+    if len(cosines) == num_batches:
+      break  # "train" batches never end
+  if not cosines:
+    raise errors.UserError(
+      f"No full {split} batch of {batch_size} examples for {workdir}; pass"
+      " a smaller batch_size or split='train'."
+    )
+  finite = [c for c in cosines if math.isfinite(c)]
+  stat = lambda f: runs.json_float(f(finite)) if finite else None
+  return {
+    "cosines": [runs.json_float(c) for c in cosines],
+    "norms": [runs.json_float(n) for n in norms],
+    "reference_norms": [runs.json_float(n) for n in ref_norms],
+    "median": stat(np.median),
+    "min": stat(min),
+    "max": stat(max),
+    "fd_step": fd_step,
+    "coef": {"weight_coef": weight_coef, "act_coef": act_coef},
+    "num_batches": len(cosines),
+    "batch_size": batch_size,
+    "split": split,
+    "method": method,
+    "reference": reference,
+    "step": int(run.step),
+    "workdir": os.path.abspath(workdir),
+  }
 
 
 # ---------------------------------------------------------------------------

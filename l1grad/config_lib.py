@@ -23,10 +23,13 @@ from l1grad.errors import ConfigError
 
 REG_KINDS = ("none", "l1", "l2", "dq")
 REG_METHODS = penalty.METHODS
+# How the ℓ1 penalty weights each tensor (configs/default.py, reg.weighting).
+REG_WEIGHTINGS = ("none", "bin_width")
 QAT_SCHEMES = qat.SCHEMES
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
 DATASETS = data.DATASETS
+EVAL_SPLITS = ("test", data.MINIVAL)
 
 # Fields that do not change what a run computes: a resumed run may differ in
 # these from the run that wrote the checkpoint.
@@ -44,8 +47,17 @@ _RUN_NEUTRAL = (
 
 
 # What a stored config without the field ran as (STE before the folded
-# scheme existed).
-_LEGACY_FIELDS = {"qat.scheme": "unfolded"}
+# scheme existed; the whole training split, evaluated on test, before the
+# hold-out existed; the penalty on every step before lazy regularization).
+_LEGACY_FIELDS = {
+  "qat.scheme": "unfolded",
+  "reg.every_steps": 1,
+  "reg.weighting": "none",
+  "reg.target_bits": "",
+  "minival_examples": 0,
+  "max_train_examples": -1,
+  "eval_split": "test",
+}
 _QAT_FIELDS = ("qat.scheme", "qat.freeze_bn_fraction")
 
 
@@ -53,6 +65,31 @@ def act_coef(config: ml_collections.ConfigDict) -> float:
   """λ_a; ``-1`` means the same as λ_w (the paper's single λ)."""
   a = config.reg.act_coef
   return config.reg.weight_coef if a == -1 else a
+
+
+def minival_examples(config: ml_collections.ConfigDict) -> int:
+  """Examples held out of the training split as ``"minival"`` (0: none)."""
+  return int(config.get("minival_examples", 0))
+
+
+def eval_split(config: ml_collections.ConfigDict) -> str:
+  """The split the trainer's periodic evaluation reads."""
+  return str(config.get("eval_split", "test"))
+
+
+def data_kwargs(config: ml_collections.ConfigDict) -> dict[str, object]:
+  """The keyword arguments of the ``l1grad.data`` training functions.
+
+  For ``get_info``, ``steps_per_epoch`` and ``train_batches``: the data dir,
+  the hold-out and the training subset. Reads configs stored before the last
+  two existed as their legacy values (none, all).
+  """
+  max_train = int(config.get("max_train_examples", -1))
+  return {
+    "data_dir": config.get("data_dir", "") or None,
+    "minival_examples": minival_examples(config),
+    "max_train_examples": None if max_train == -1 else max_train,
+  }
 
 
 def eval_batch_size(config: ml_collections.ConfigDict) -> int:
@@ -72,9 +109,21 @@ class StepPlan:
   last_step: int  # where this invocation stops (max_steps may cut it)
   reg_start_step: int  # first regularized step
   checkpoint_every: int
+  # Lazy regularization (reg.every_steps): the penalty runs on every
+  # reg_every-th step of the regularized phase, counted from its start.
+  reg_every: int = 1
 
   def regularized(self, step: int) -> bool:
-    return step >= self.reg_start_step
+    """Whether ``step`` (0-based) runs the regularized step variant."""
+    return (
+      step >= self.reg_start_step
+      and (step - self.reg_start_step) % self.reg_every == 0
+    )
+
+
+def reg_every_steps(config: ml_collections.ConfigDict) -> int:
+  """k of lazy regularization (``reg.every_steps``; 1 in configs without it)."""
+  return int(config.reg.get("every_steps", 1))
 
 
 def step_plan(
@@ -105,7 +154,14 @@ def step_plan(
     if config.checkpoint_every_steps < 0
     else config.checkpoint_every_steps
   )
-  return StepPlan(steps_per_epoch, total, last, reg_start, max(every, 1))
+  return StepPlan(
+    steps_per_epoch,
+    total,
+    last,
+    reg_start,
+    max(every, 1),
+    reg_every=reg_every_steps(config),
+  )
 
 
 def _fail(field: str, problem: str, fix: str) -> None:
@@ -167,6 +223,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         " regularize, or --config.reg.weight_coef=0 (and"
         " --config.reg.act_coef=-1) for an unregularized run.",
       )
+  _validate_every_steps(config)
+  _validate_weighting(config)
   if reg.fd_step <= 0:
     _fail(
       "reg.fd_step",
@@ -214,6 +272,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       f"must be positive, got {config.learning_rate}.",
       "Set a positive peak learning rate.",
     )
+  _validate_data_subsets(config)
   for field in ("log_every_steps", "keep_checkpoints"):
     if config[field] <= 0:
       _fail(
@@ -263,6 +322,100 @@ def validate(config: ml_collections.ConfigDict) -> None:
       "init_from",
       f"{config.init_from!r} {what}.",
       "Point it at the --workdir of a finished training run.",
+    )
+
+
+def _is_int(value: object) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _validate_every_steps(config: ml_collections.ConfigDict) -> None:
+  """reg.every_steps: a whole k >= 1, and > 1 only with a penalty to skip."""
+  reg = config.reg
+  every = reg.get("every_steps", 1)
+  if not _is_int(every) or every < 1:
+    _fail(
+      "reg.every_steps",
+      f"is {every!r}.",
+      "Use a whole number k >= 1: the penalty then runs on every k-th step"
+      " of the regularized phase with its coefficients multiplied by k"
+      " (1: every step; StyleGAN2 uses 16).",
+    )
+  if every > 1 and reg.kind == "none":
+    # STE training (qat.bits) with no penalty lands here too: its forward
+    # pass is the training itself, there is nothing to apply every k steps.
+    _fail(
+      "reg.every_steps",
+      f"is {every} but reg.kind is 'none', so there is no penalty to apply"
+      " every k steps (STE training, qat.bits, has none either).",
+      "Set --config.reg.kind=l1 (or l2, dq), or leave reg.every_steps at 1.",
+    )
+
+
+def _validate_weighting(config: ml_collections.ConfigDict) -> None:
+  """reg.weighting and reg.target_bits (the bin-width-weighted ℓ1 penalty)."""
+  reg = config.reg
+  weighting = reg.get("weighting", "none")
+  target = reg.get("target_bits", "")
+  _check_choice("reg.weighting", weighting, REG_WEIGHTINGS, "weighting")
+  if weighting == "none":
+    if target:
+      _fail(
+        "reg.target_bits",
+        f"is {target!r} but reg.weighting is 'none', so it would be ignored.",
+        "Set --config.reg.weighting=bin_width to weight the penalty by the"
+        " bin widths at those bits, or leave reg.target_bits empty.",
+      )
+    return
+  if reg.kind != "l1":
+    _fail(
+      "reg.weighting",
+      f"is 'bin_width' but reg.kind is {reg.kind!r}.",
+      "The bin-width weights make the ℓ1 penalty the first-order bound"
+      " Σ (Δ/2)·|∇L|: use --config.reg.kind=l1.",
+    )
+  if not target:
+    _fail(
+      "reg.target_bits",
+      "is empty but reg.weighting is 'bin_width'.",
+      "Give the bit-widths whose bin widths weight the penalty, e.g."
+      " --config.reg.target_bits=4:4 (W:A).",
+    )
+  try:
+    bits_lib.parse_pair(target)
+  except ConfigError as e:
+    raise ConfigError(f"config.reg.target_bits: {e}") from None
+
+
+def _validate_data_subsets(config: ml_collections.ConfigDict) -> None:
+  """minival_examples, max_train_examples and eval_split.
+
+  Whether the hold-out is smaller than the training split needs the data;
+  ``l1grad.data`` checks that, before the workdir is created.
+  """
+  minival = config.get("minival_examples", 0)
+  if not _is_int(minival) or minival < 0:
+    _fail(
+      "minival_examples",
+      f"is {minival!r}.",
+      "Use 0 (no hold-out) or the number of training examples to hold out"
+      " as the 'minival' split, e.g. 5000.",
+    )
+  max_train = config.get("max_train_examples", -1)
+  if not _is_int(max_train) or (max_train < 1 and max_train != -1):
+    _fail(
+      "max_train_examples",
+      f"is {max_train!r}.",
+      "Use a positive number of training examples, or -1 for all of them.",
+    )
+  split = config.get("eval_split", "test")
+  _check_choice("eval_split", split, EVAL_SPLITS, "evaluation split")
+  if split == data.MINIVAL and not minival:
+    _fail(
+      "eval_split",
+      "is 'minival' but config.minival_examples is 0, so nothing is held out.",
+      "Set --config.minival_examples=N (examples to hold out of the training"
+      " split, e.g. 5000), or use --config.eval_split=test.",
     )
 
 

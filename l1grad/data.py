@@ -1,13 +1,31 @@
-"""Input pipelines: digits (embedded), CIFAR-10 and ImageNet, without TensorFlow.
+"""Input pipelines: digits (embedded), Fashion-MNIST, CIFAR-10 and ImageNet.
 
-Three datasets share one pipeline shape:
+Four datasets share one pipeline shape, none of which needs TensorFlow:
 
 * ``"digits"``: scikit-learn's ``load_digits`` (1,797 real 8x8 images shipped
   with scikit-learn), split 1,437 / 360 with a fixed stratified split. It never
   needs a download, so it is the default for tests, demos and CI.
+* ``"fashion_mnist"``: the four original gzipped IDX files (60,000 / 10,000
+  28x28 greyscale images, 10 classes), read from the first of: ``data_dir``
+  holding the IDX files; a tfds ``fashion_mnist`` ArrayRecord build in
+  ``data_dir`` (or tfds' default); the folder of Debian's
+  ``dataset-fashion-mnist`` package, ``FASHION_MNIST_SYSTEM_DIR``
+  (``$L1GRAD_FASHION_MNIST_DIR`` replaces it).
 * ``"cifar10"`` and ``"imagenet2012"``: tensorflow-datasets ArrayRecord files
   read through ``tfds.data_source`` (random access, decoded to numpy, no
   TensorFlow) and prepared once by the user (see ``DatasetNotFoundError``).
+
+Every dataset also has the split ``"minival"`` when the training functions get
+``minival_examples=N > 0``: N examples held out of the official training
+split, which ``"train"`` then no longer contains (big_vision's name; the
+official test split is never used for model selection). The hold-out is fixed
+(its seed is a constant, independent of the run's) and stratified by label
+where the labels are in memory (digits, Fashion-MNIST from IDX files); tfds
+sources get a seeded uniform subset instead, because reading their labels
+would decode every image. ``max_train_examples=M`` then keeps a fixed
+(likewise stratified) subset of M of the remaining training examples, for
+quick runs. With the defaults (0 and None) the training split and its batches
+are exactly the official ones.
 
 Batches are built by grain from a pure index map, so the batch at global step
 ``s`` is a function of ``(seed, s)`` only: the order within epoch ``e`` is
@@ -18,12 +36,12 @@ threads or worker processes. Each process reads only its own slice of every
 global batch.
 
 The module is longer than the others because it holds one kind of thing,
-every dataset and its pipeline: sources (embedded arrays, tfds ArrayRecord
-files and the "not prepared" message), per-dataset preprocessing and
-augmentation, and the grain pipelines that batch them. It is the only code
-that reads data; the trainer, PTQ, analysis and export use its public
-functions (``get_info``, ``steps_per_epoch``, ``train_batches``,
-``eval_batches``, ``input_normalization``).
+every dataset and its pipeline: sources (embedded arrays, IDX files, tfds
+ArrayRecord files and the "not prepared" messages, held-out subsets),
+per-dataset preprocessing and augmentation, and the grain pipelines that batch
+them. It is the only code that reads data; the trainer, PTQ, analysis and
+export use its public functions (``get_info``, ``steps_per_epoch``,
+``train_batches``, ``eval_batches``, ``input_normalization``).
 
 Example::
 
@@ -37,10 +55,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 import dataclasses
 import functools
+import gzip
 import logging
 import math
 import os
 from typing import Any
+import zlib
 
 from absl import flags
 from etils import epath
@@ -52,6 +72,10 @@ from l1grad import errors
 
 __all__ = [
   "DATASETS",
+  "FASHION_MNIST_DIR_ENV",
+  "FASHION_MNIST_SYSTEM_DIR",
+  "MINIVAL",
+  "DatasetCorruptError",
   "DatasetInfo",
   "DatasetNotFoundError",
   "InputNormalization",
@@ -71,13 +95,30 @@ _Preprocess = Callable[[np.ndarray, "np.random.Generator | None"], np.ndarray]
 # (which reseeds epoch e with seed + e).
 _SHUFFLE_STREAM = 0
 _AUGMENT_STREAM = 1
+# The hold-out and the training subset are drawn from their own fixed streams
+# of a constant seed: the same examples whatever the run's seed, so runs with
+# different seeds are selected on the same minival.
+_SELECTION_SEED = 0
+_MINIVAL_STREAM = 2
+_SUBSET_STREAM = 3
+
+# The validation split for model selection: held out of the official training
+# split (``minival_examples``).
+MINIVAL = "minival"
 
 
 class DatasetNotFoundError(errors.DataNotFoundError):
-  """The requested tfds dataset is not prepared as ArrayRecord in data_dir.
+  """The requested dataset is not where the pipeline looks for it.
 
   A ``FileNotFoundError`` and a ``UserError``: entry points print the message,
   which gives the commands that prepare the data.
+  """
+
+
+class DatasetCorruptError(errors.UserError, ValueError):
+  """A dataset file is there but unreadable: truncated, corrupt or mislabeled.
+
+  The message names the file and what is wrong with it.
   """
 
 
@@ -89,9 +130,13 @@ class DatasetInfo:
     name: Dataset name, one of ``DATASETS``.
     image_shape: Model input (height, width, channels) after preprocessing.
     num_classes: Number of label classes.
-    num_train: Examples in the training split.
+    num_train: Examples in the training split the pipeline iterates over:
+      the official one less the ``minival`` hold-out, cut to
+      ``max_train_examples`` if given.
     num_test: Examples in the evaluation split (ImageNet: ``validation``,
       because the tfds ``test`` split carries no labels).
+    num_minival: Examples held out of the official training split as
+      ``"minival"`` (0: none).
   """
 
   name: str
@@ -99,6 +144,7 @@ class DatasetInfo:
   num_classes: int
   num_train: int
   num_test: int
+  num_minival: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +164,7 @@ _SPECS: dict[str, _Spec] = {
   "imagenet2012": _Spec(
     (224, 224, 3), 1000, ("train", "validation"), {"test": "validation"}
   ),
+  "fashion_mnist": _Spec((28, 28, 1), 10, ("train", "test")),
 }
 DATASETS: tuple[str, ...] = tuple(_SPECS)
 
@@ -125,6 +172,12 @@ DATASETS: tuple[str, ...] = tuple(_SPECS)
 # the training set (the widely copied std (0.2023, 0.1994, 0.2010) is not it).
 _CIFAR10_MEAN = (0.49139968, 0.48215841, 0.44653091)
 _CIFAR10_STD = (0.24703223, 0.24348513, 0.26158784)
+# Fashion-MNIST: mean and std of pixels/255 over all 60,000 official training
+# images, computed once in float64 from train-images-idx3-ubyte.gz:
+#   x = _read_idx(path).astype(np.float64) / 255; x.mean(), x.std()
+# (tests/test_data_fashion.py recomputes them from the installed files).
+_FASHION_MNIST_MEAN = (0.2860405969887955,)
+_FASHION_MNIST_STD = (0.35302424451492254,)
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -133,6 +186,29 @@ _IMAGENET_SIZE = 224
 _IMAGENET_RESIZE = 256
 _CROP_SCALE = (0.08, 1.0)
 _CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+
+# Where Debian/Ubuntu's dataset-fashion-mnist package puts the IDX files; the
+# environment variable, when set, replaces it (tests set it to an empty folder
+# to act as a machine without the package).
+FASHION_MNIST_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_DIR_ENV = "L1GRAD_FASHION_MNIST_DIR"
+# split -> (images, labels) file names, each read gzipped (".gz") or raw.
+_FASHION_MNIST_FILES = {
+  "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+  "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_FASHION_MNIST_SIZE = 28
+# IDX element type codes (the third magic byte); multi-byte types are
+# big-endian.
+_IDX_DTYPES = {
+  0x08: np.dtype(np.uint8),
+  0x09: np.dtype(np.int8),
+  0x0B: np.dtype(">i2"),
+  0x0C: np.dtype(">i4"),
+  0x0D: np.dtype(">f4"),
+  0x0E: np.dtype(">f8"),
+}
+_IDX_UBYTE = 0x08
 
 
 # --------------------------------------------------------------------------
@@ -189,6 +265,262 @@ class _ArraySource:
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     return {"image": self._images[index], "label": self._labels[index]}
+
+  @property
+  def labels(self) -> np.ndarray:
+    """Every label, in order (in memory, so subsets can be stratified)."""
+    return self._labels
+
+
+class _SubsetSource:
+  """The examples ``indices`` of another source, renumbered 0..len-1."""
+
+  def __init__(self, source: Any, indices: np.ndarray):
+    self._source = source
+    self._indices = np.asarray(indices, np.int64)
+    self._indices.setflags(write=False)
+
+  def __len__(self) -> int:
+    return len(self._indices)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return self._source[int(self._indices[index])]
+
+  @property
+  def indices(self) -> np.ndarray:
+    """Positions in the underlying source."""
+    return self._indices
+
+  @property
+  def base(self) -> Any:
+    return self._source
+
+  @property
+  def labels(self) -> np.ndarray | None:
+    labels = _cheap_labels(self._source)
+    return None if labels is None else labels[self._indices]
+
+
+def _cheap_labels(source: Any) -> np.ndarray | None:
+  """The labels of an in-memory source; None where reading them would decode
+  every example (tfds)."""
+  if isinstance(source, (_ArraySource, _SubsetSource)):
+    return source.labels
+  return None
+
+
+def _subset(source: Any, indices: np.ndarray) -> _SubsetSource:
+  """``source[indices]``, composed into one index map over the base source."""
+  if isinstance(source, _SubsetSource):
+    return _SubsetSource(source.base, source.indices[indices])
+  return _SubsetSource(source, indices)
+
+
+# IDX files (Fashion-MNIST's format: http://yann.lecun.com/exdb/mnist/).
+
+
+def _read_idx(
+  path: str,
+  *,
+  dtype_code: int | None = None,
+  ndim: int | None = None,
+  hint: str = "",
+) -> np.ndarray:
+  """Reads one IDX file, gzipped or raw (told apart by content, not name).
+
+  Strict: the magic number (two zero bytes, a known element type, the number
+  of dimensions) must be as expected and the data exactly as long as the
+  header says.
+
+  Args:
+    path: The file.
+    dtype_code: Required element type code (0x08: unsigned byte); None: any.
+    ndim: Required number of dimensions; None: any.
+    hint: Appended to error messages (how to get a good copy).
+
+  Returns:
+    A read-only array of the header's shape (native byte order).
+
+  Raises:
+    DatasetCorruptError: Unreadable, truncated, corrupt or unexpected file.
+  """
+
+  def fail(problem: str) -> DatasetCorruptError:
+    return DatasetCorruptError(
+      f"{path}: {problem}; it is not a valid IDX file.{hint}"
+    )
+
+  try:
+    with open(path, "rb") as f:
+      raw = f.read()
+  except OSError as e:
+    raise DatasetCorruptError(f"Cannot read {path}: {e}.{hint}") from e
+  if raw[:2] == b"\x1f\x8b":
+    try:
+      raw = gzip.decompress(raw)
+    except (EOFError, OSError, zlib.error) as e:
+      raise fail(f"truncated or corrupt gzip data ({e})") from e
+  if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] not in _IDX_DTYPES:
+    raise fail(f"bad magic number {raw[:4].hex() or '(empty)'}")
+  code, dims = raw[2], raw[3]
+  if dtype_code is not None and code != dtype_code:
+    raise fail(
+      f"element type 0x{code:02x}, expected 0x{dtype_code:02x} (magic number)"
+    )
+  if ndim is not None and dims != ndim:
+    raise fail(f"{dims} dimensions, expected {ndim} (magic number)")
+  header = 4 + 4 * dims
+  if len(raw) < header:
+    raise fail(f"truncated header ({len(raw)} bytes, needs {header})")
+  shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", dims, 4))
+  dtype = _IDX_DTYPES[code]
+  expected = header + math.prod(shape) * dtype.itemsize
+  if len(raw) != expected:
+    what = "truncated" if len(raw) < expected else "trailing bytes"
+    raise fail(
+      f"{what}: {len(raw)} bytes, the header {shape} {dtype.name} needs"
+      f" {expected}"
+    )
+  array = np.frombuffer(raw, dtype, offset=header).reshape(shape)
+  if dtype.byteorder == ">":
+    array = array.astype(dtype.newbyteorder("="))
+  array.setflags(write=False)
+  return array
+
+
+def _fashion_mnist_paths(directory: str) -> dict[str, tuple[str, str]] | None:
+  """The four IDX files in ``directory`` (each gzipped or raw), or None."""
+  found = {}
+  for split, names in _FASHION_MNIST_FILES.items():
+    paths = []
+    for name in names:
+      candidates = [os.path.join(directory, name + ext) for ext in (".gz", "")]
+      path = next((c for c in candidates if os.path.isfile(c)), None)
+      if path is None:
+        return None
+      paths.append(path)
+    found[split] = (paths[0], paths[1])
+  return found
+
+
+_IDX_HINT = (
+  " Replace it with a good copy (Debian/Ubuntu, as root: apt-get install"
+  " --reinstall dataset-fashion-mnist)."
+)
+
+
+@functools.lru_cache(maxsize=2)
+def _fashion_mnist_idx(
+  directory: str,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """Reads the IDX files of ``directory`` once (cached: every caller gets the
+  same read-only arrays): {split: (uint8 [N,28,28,1], int32 [N])}.
+
+  Raises:
+    DatasetCorruptError: A file is unreadable or does not hold Fashion-MNIST.
+  """
+  paths = _fashion_mnist_paths(directory)
+  if paths is None:
+    raise DatasetNotFoundError(f"No Fashion-MNIST IDX files in {directory}.")
+  size = _FASHION_MNIST_SIZE
+  out = {}
+  for split, (image_path, label_path) in paths.items():
+    images = _read_idx(
+      image_path, dtype_code=_IDX_UBYTE, ndim=3, hint=_IDX_HINT
+    )
+    labels = _read_idx(
+      label_path, dtype_code=_IDX_UBYTE, ndim=1, hint=_IDX_HINT
+    )
+    if images.shape[1:] != (size, size):
+      raise DatasetCorruptError(
+        f"{image_path}: images of {images.shape[1:]} pixels, expected"
+        f" ({size}, {size}).{_IDX_HINT}"
+      )
+    if len(images) != len(labels):
+      raise DatasetCorruptError(
+        f"{image_path} holds {len(images)} images but {label_path}"
+        f" {len(labels)} labels.{_IDX_HINT}"
+      )
+    if len(labels) and int(labels.max()) >= _SPECS["fashion_mnist"].num_classes:
+      raise DatasetCorruptError(
+        f"{label_path}: label {int(labels.max())} is not a Fashion-MNIST"
+        f" class (0..9).{_IDX_HINT}"
+      )
+    labels = labels.astype(np.int32)
+    labels.setflags(write=False)
+    # A view of the read-only array: read-only too.
+    out[split] = (images[..., None], labels)
+  return out
+
+
+def _fashion_mnist_system_dir() -> str:
+  return os.environ.get(FASHION_MNIST_DIR_ENV) or FASHION_MNIST_SYSTEM_DIR
+
+
+def _fashion_mnist_idx_source(directory: str, split: str) -> _ArraySource:
+  return _ArraySource(*_fashion_mnist_idx(os.path.realpath(directory))[split])
+
+
+def _fashion_mnist_source(split: str, data_dir: str | None) -> Any:
+  """Fashion-MNIST's ``split`` from the first place that has it.
+
+  Order: ``data_dir`` holding the IDX files; a tfds ``fashion_mnist``
+  ArrayRecord build in ``data_dir`` (or tfds' default); the Debian package's
+  folder (``$L1GRAD_FASHION_MNIST_DIR`` or ``FASHION_MNIST_SYSTEM_DIR``).
+
+  Raises:
+    DatasetNotFoundError: None of them has it; the message says how to get it.
+    DatasetCorruptError: The IDX files found are unreadable.
+  """
+  if data_dir is not None and _fashion_mnist_paths(data_dir) is not None:
+    return _fashion_mnist_idx_source(data_dir, split)
+  try:
+    return _tfds_source("fashion_mnist", split, data_dir)
+  except DatasetNotFoundError as e:
+    tfds_error = e
+  system_dir = _fashion_mnist_system_dir()
+  if _fashion_mnist_paths(system_dir) is not None:
+    return _fashion_mnist_idx_source(system_dir, split)
+  raise DatasetNotFoundError(
+    _fashion_mnist_missing(data_dir, system_dir, tfds_error)
+  ) from None
+
+
+def _fashion_mnist_missing(
+  data_dir: str | None, system_dir: str, tfds_error: Exception
+) -> str:
+  """What the pipeline looked for, and the commands that provide it."""
+  tfds_dir = _resolve_data_dir(data_dir)
+  files = ", ".join(
+    f"{name}[.gz]" for names in _FASHION_MNIST_FILES.values() for name in names
+  )
+  looked = []
+  if data_dir is not None:
+    looked.append(f"  - the IDX files in data_dir={data_dir}")
+  looked.append(f"  - a tfds 'fashion_mnist' ArrayRecord build in {tfds_dir}")
+  source = (
+    f"${FASHION_MNIST_DIR_ENV}"
+    if os.environ.get(FASHION_MNIST_DIR_ENV)
+    else "Debian's dataset-fashion-mnist"
+  )
+  looked.append(f"  - the IDX files in {system_dir} ({source})")
+  detail = ""
+  if epath.Path(tfds_dir, "fashion_mnist").exists():
+    cause = tfds_error.__cause__ or tfds_error
+    detail = f"\ntfds: {type(cause).__name__}: {cause}"
+  return (
+    f"Fashion-MNIST not found ({files}). Looked for:\n"
+    + "\n".join(looked)
+    + "\nInstall it (Debian/Ubuntu, as root):\n"
+    "  apt-get install dataset-fashion-mnist\n"
+    "or prepare it with tfds (downloads ~30 MB; TensorFlow is needed for"
+    " this step only):\n"
+    "  pip install tensorflow importlib_resources\n"
+    f"  tfds build fashion_mnist --file_format=array_record"
+    f" --data_dir={tfds_dir}\n"
+    "or put the four IDX files in a folder and pass it as"
+    f" --config.data_dir (or set ${FASHION_MNIST_DIR_ENV})." + detail
+  )
 
 
 def _resolve_data_dir(data_dir: str | None) -> str:
@@ -278,18 +610,130 @@ def _split_name(name: str, split: str) -> str:
   spec = _spec(name)
   split = spec.aliases.get(split, split)
   if split not in spec.splits:
-    valid = sorted(set(spec.splits) | set(spec.aliases))
+    valid = sorted(set(spec.splits) | set(spec.aliases) | {MINIVAL})
     raise errors.ConfigError(
       f"{name!r} has no split {split!r}; valid: {valid}."
     )
   return split
 
 
-def _source(name: str, split: str, data_dir: str | None) -> Any:
+def _official_source(name: str, split: str, data_dir: str | None) -> Any:
+  """An official split (aliases resolved), before any hold-out."""
   split = _split_name(name, split)
   if name == "digits":
     return _ArraySource(*_digits_splits()[split])
+  if name == "fashion_mnist":
+    return _fashion_mnist_source(split, data_dir)
   return _tfds_source(name, split, data_dir)
+
+
+def _select(
+  labels: np.ndarray | None, n: int, k: int, stream: int
+) -> np.ndarray:
+  """``k`` sorted positions out of ``range(n)``, fixed by ``stream``.
+
+  With labels, stratified: each class gets its proportional share
+  ``k * count / n`` rounded down, and the examples still missing go to the
+  classes with the largest remainders (ties: the lower class), so the shares
+  are as exact as integers allow (5,000 of Fashion-MNIST's 60,000: 500 per
+  class). Without labels, a uniform random subset.
+  """
+  rng = np.random.default_rng([_SELECTION_SEED, stream])
+  if labels is None:
+    return np.sort(rng.choice(n, size=k, replace=False))
+  classes, inverse, counts = np.unique(
+    labels, return_inverse=True, return_counts=True
+  )
+  exact = k * counts / n
+  quota = np.floor(exact).astype(np.int64)
+  largest = np.argsort(-(exact - quota), kind="stable")
+  quota[largest[: k - int(quota.sum())]] += 1
+  chosen = [
+    rng.permutation(np.flatnonzero(inverse == c))[:q]
+    for c, q in enumerate(quota)
+  ]
+  return np.sort(np.concatenate(chosen))
+
+
+def _check_subset_args(
+  minival_examples: int, max_train_examples: int | None
+) -> None:
+  if isinstance(minival_examples, bool) or not isinstance(
+    minival_examples, (int, np.integer)
+  ):
+    raise errors.ConfigError(
+      f"minival_examples must be an int, got {minival_examples!r}."
+    )
+  if minival_examples < 0:
+    raise errors.ConfigError(
+      f"minival_examples must be >= 0 (0: no hold-out), got {minival_examples}."
+    )
+  if max_train_examples is not None and (
+    isinstance(max_train_examples, bool)
+    or not isinstance(max_train_examples, (int, np.integer))
+    or max_train_examples < 1
+  ):
+    raise errors.ConfigError(
+      f"max_train_examples must be a positive int or None (all), got"
+      f" {max_train_examples!r}."
+    )
+
+
+def _holdout(
+  name: str, source: Any, minival_examples: int
+) -> tuple[np.ndarray, np.ndarray]:
+  """(train, minival) positions of the official training ``source``."""
+  n = len(source)
+  if minival_examples >= n:
+    raise errors.ConfigError(
+      f"minival_examples={minival_examples} must be smaller than the {n}"
+      f" examples of {name!r}'s training split, which it is held out of"
+      " (config.minival_examples; 0: no hold-out)."
+    )
+  minival = _select(_cheap_labels(source), n, minival_examples, _MINIVAL_STREAM)
+  keep = np.ones(n, bool)
+  keep[minival] = False
+  return np.flatnonzero(keep), minival
+
+
+def _source(
+  name: str,
+  split: str,
+  data_dir: str | None,
+  *,
+  minival_examples: int = 0,
+  max_train_examples: int | None = None,
+) -> Any:
+  """The random-access source of ``split`` as the pipeline reads it.
+
+  ``"minival"`` is held out of the official training split, ``"train"`` is
+  the rest, cut to ``max_train_examples`` (a fixed subset; all if it is not
+  smaller). With ``minival_examples=0`` and no cut, the official source
+  itself.
+  """
+  _check_subset_args(minival_examples, max_train_examples)
+  if split == MINIVAL:
+    _spec(name)
+    if not minival_examples:
+      raise errors.ConfigError(
+        f"Split {MINIVAL!r} of {name!r} is held out of the training split,"
+        " and minival_examples is 0 so there is none: set minival_examples"
+        " (config.minival_examples) to the number of examples to hold out,"
+        " e.g. 5000, or evaluate on 'test'."
+      )
+    base = _official_source(name, "train", data_dir)
+    return _subset(base, _holdout(name, base, minival_examples)[1])
+  source = _official_source(name, split, data_dir)
+  if _split_name(name, split) != "train":
+    return source
+  if minival_examples:
+    source = _subset(source, _holdout(name, source, minival_examples)[0])
+  if max_train_examples is not None and max_train_examples < len(source):
+    keep = _select(
+      _cheap_labels(source), len(source), max_train_examples, _SUBSET_STREAM
+    )
+    source = _subset(source, keep)
+  return source
 
 
 # --------------------------------------------------------------------------
@@ -391,6 +835,18 @@ def _digits_preprocess(
   return image  # Normalised once when loaded.
 
 
+def _fashion_mnist_preprocess(
+  image: np.ndarray, rng: np.random.Generator | None
+) -> np.ndarray:
+  if image.ndim == 2:
+    image = image[..., None]
+  if rng is not None:
+    # A horizontal flip only: the garments are centred, upright and of one
+    # size, so shifts and crops would mostly cut them.
+    image = _random_flip(image, rng)
+  return _normalize(image, _FASHION_MNIST_MEAN, _FASHION_MNIST_STD)
+
+
 def _cifar10_preprocess(
   image: np.ndarray, rng: np.random.Generator | None
 ) -> np.ndarray:
@@ -411,6 +867,7 @@ def _imagenet_preprocess(
 
 _PREPROCESS: dict[str, _Preprocess] = {
   "digits": _digits_preprocess,
+  "fashion_mnist": _fashion_mnist_preprocess,
   "cifar10": _cifar10_preprocess,
   "imagenet2012": _imagenet_preprocess,
 }
@@ -555,17 +1012,30 @@ def _iterate(ds: grain.MapDataset, worker_count: int) -> Iterator[Batch]:
 # --------------------------------------------------------------------------
 
 
-def get_info(name: str, *, data_dir: str | None = None) -> DatasetInfo:
+def get_info(
+  name: str,
+  *,
+  data_dir: str | None = None,
+  minival_examples: int = 0,
+  max_train_examples: int | None = None,
+) -> DatasetInfo:
   """Returns shapes, class count and split sizes of a dataset.
 
   Args:
     name: One of ``DATASETS``.
     data_dir: tfds data directory; ``None`` means tfds' default
-      (``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``). Unused for digits.
+      (``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``). Unused for digits;
+      for Fashion-MNIST also a folder holding its IDX files.
+    minival_examples: Examples held out of the official training split as
+      ``"minival"`` (0: none; ``num_train`` is then the official size).
+    max_train_examples: Train on a fixed subset of this many of the
+      remaining examples (None: all).
 
   Raises:
-    errors.ConfigError: (a ValueError) Unknown dataset name.
-    DatasetNotFoundError: A tfds dataset is not prepared in ``data_dir``.
+    errors.ConfigError: (a ValueError) Unknown dataset name, or a hold-out
+      not smaller than the training split.
+    DatasetNotFoundError: The dataset is not where the pipeline looks.
+    DatasetCorruptError: Its files are unreadable.
   """
   spec = _spec(name)
   # Sizes come from the sources, not from stored metadata, so they are the
@@ -574,8 +1044,17 @@ def get_info(name: str, *, data_dir: str | None = None) -> DatasetInfo:
     name=name,
     image_shape=spec.image_shape,
     num_classes=spec.num_classes,
-    num_train=len(_source(name, "train", data_dir)),
+    num_train=len(
+      _source(
+        name,
+        "train",
+        data_dir,
+        minival_examples=minival_examples,
+        max_train_examples=max_train_examples,
+      )
+    ),
     num_test=len(_source(name, "test", data_dir)),
+    num_minival=minival_examples,
   )
 
 
@@ -627,6 +1106,17 @@ def input_normalization(name: str) -> InputNormalization:
       (float(x_train.std()),),
       shape,
     )
+  if name == "fashion_mnist":
+    size = _FASHION_MNIST_SIZE
+    return InputNormalization(
+      name,
+      f"uint8 greyscale 0..255, shape [N, {size}, {size}] or"
+      f" [N, {size}, {size}, 1] (the IDX files' images)",
+      255.0,
+      _FASHION_MNIST_MEAN,
+      _FASHION_MNIST_STD,
+      shape,
+    )
   if name == "cifar10":
     return InputNormalization(
       name,
@@ -652,10 +1142,24 @@ def input_normalization(name: str) -> InputNormalization:
 
 
 def steps_per_epoch(
-  name: str, global_batch_size: int, *, data_dir: str | None = None
+  name: str,
+  global_batch_size: int,
+  *,
+  data_dir: str | None = None,
+  minival_examples: int = 0,
+  max_train_examples: int | None = None,
 ) -> int:
-  """Optimizer steps per training epoch (the last partial batch is dropped)."""
-  return get_info(name, data_dir=data_dir).num_train // global_batch_size
+  """Optimizer steps per training epoch (the last partial batch is dropped).
+
+  The keyword arguments are those of :func:`get_info`.
+  """
+  info = get_info(
+    name,
+    data_dir=data_dir,
+    minival_examples=minival_examples,
+    max_train_examples=max_train_examples,
+  )
+  return info.num_train // global_batch_size
 
 
 def train_batches(
@@ -668,6 +1172,8 @@ def train_batches(
   process_count: int = 1,
   data_dir: str | None = None,
   worker_count: int = 0,
+  minival_examples: int = 0,
+  max_train_examples: int | None = None,
 ) -> Iterator[Batch]:
   """Infinite, shuffled, augmented training batches for this process.
 
@@ -687,6 +1193,10 @@ def train_batches(
     data_dir: tfds data directory (``None``: tfds' default).
     worker_count: Grain worker processes; 0 uses threads only. The output is
       the same for any value.
+    minival_examples: Examples held out as ``"minival"``, never trained on
+      (0: none, the batches of the whole official split).
+    max_train_examples: Train on a fixed subset of this many of the
+      remaining examples (None: all).
 
   Returns:
     An iterator of ``{"image": float32 [B/P, H, W, C], "label": int32 [B/P]}``
@@ -695,16 +1205,22 @@ def train_batches(
 
   Raises:
     errors.ConfigError: (a ValueError) Unknown dataset, bad batch/process
-      arguments, a negative seed or start_step, or a global batch larger
-      than the training split.
-    DatasetNotFoundError: A tfds dataset is not prepared in ``data_dir``.
+      arguments, a negative seed or start_step, a global batch larger
+      than the training split, or a hold-out not smaller than it.
+    DatasetNotFoundError: The dataset is not where the pipeline looks.
   """
   local = _local_batch_size(global_batch_size, process_index, process_count)
   if seed < 0 or start_step < 0:
     raise errors.ConfigError(
       f"seed and start_step must be >= 0, got {seed=}, {start_step=}."
     )
-  source = _source(name, "train", data_dir)
+  source = _source(
+    name,
+    "train",
+    data_dir,
+    minival_examples=minival_examples,
+    max_train_examples=max_train_examples,
+  )
   n = len(source)
   spe = n // global_batch_size
   if spe == 0:
@@ -740,6 +1256,7 @@ def eval_batches(
   data_dir: str | None = None,
   worker_count: int = 0,
   max_examples: int | None = None,
+  minival_examples: int = 0,
 ) -> Iterator[Batch]:
   """One pass over a split in order, every example exactly once.
 
@@ -750,14 +1267,17 @@ def eval_batches(
 
   Args:
     name: One of ``DATASETS``.
-    split: ``"test"`` (ImageNet: the validation set) or ``"train"``; ImageNet
-      also accepts ``"validation"``.
+    split: ``"test"`` (ImageNet: the validation set), ``"train"`` (without
+      the hold-out) or ``"minival"`` (the hold-out; needs
+      ``minival_examples``); ImageNet also accepts ``"validation"``.
     global_batch_size: Examples per batch over all processes.
     process_index: This process.
     process_count: Number of processes.
     data_dir: tfds data directory (``None``: tfds' default).
     worker_count: Grain worker processes; 0 uses threads only.
     max_examples: Evaluate only the first ``max_examples`` examples.
+    minival_examples: Examples held out of the official training split as
+      ``"minival"`` (as the training run used; 0: none).
 
   Returns:
     An iterator of ``{"image": float32 [B/P, H, W, C], "label": int32 [B/P],
@@ -765,13 +1285,14 @@ def eval_batches(
 
   Raises:
     errors.ConfigError: (a ValueError) Unknown dataset or split, bad
-      batch/process arguments or ``max_examples < 1``.
-    DatasetNotFoundError: A tfds dataset is not prepared in ``data_dir``.
+      batch/process arguments, ``max_examples < 1``, or ``"minival"`` with
+      ``minival_examples=0``.
+    DatasetNotFoundError: The dataset is not where the pipeline looks.
   """
   local = _local_batch_size(global_batch_size, process_index, process_count)
   if max_examples is not None and max_examples < 1:
     raise errors.ConfigError(f"max_examples must be >= 1, got {max_examples}.")
-  source = _source(name, split, data_dir)
+  source = _source(name, split, data_dir, minival_examples=minival_examples)
   n = len(source) if max_examples is None else min(len(source), max_examples)
   num_batches = -(-n // global_batch_size)
   element = _EvalElement(

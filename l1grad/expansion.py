@@ -19,14 +19,29 @@ Building blocks (pure, jit-able, usable on any Flax linen model built from
   (:func:`expansion_point`), and the model as a function of it
   (:func:`apply_at`, :func:`loss_at`); layers and activation points are keyed
   by module path (docs/method.md §3), the points being those of
-  :mod:`l1grad.perturb` (inputs of every Conv/Dense but the first);
+  :mod:`l1grad.perturb` (inputs of every Conv/Dense but the first). Batch
+  norm in train mode: ``apply_kwargs=TRAIN_KWARGS, mutable=TRAIN_MUTABLE``
+  (the loss then comes with the updated batch statistics as aux);
+  :func:`point_loss` builds the same ``z`` for any user loss
+  ``(params, *args) -> loss`` or ``(loss, aux)``, the way
+  :func:`l1grad.penalty.value_and_grad` does;
 * :func:`hvp`: a Hessian-vector product over (weights, activation points),
   forward-over-reverse (``jax.jvp`` of ``jax.grad``);
 * :func:`quantization_noise`: the noise tree δ and bin widths Δ of the model
   quantized at (W, A) bits, weights-only, activations-only or both;
 * :func:`expansion_terms`: induced loss, first-order term, worst-case ℓ1
   bound, second-order prediction; :func:`gradient_norms`,
-  :func:`kl_divergence`, :func:`noise_histogram`.
+  :func:`kl_divergence`, :func:`noise_histogram`;
+* the expected second-order loss of uniform quantization noise
+  δ ~ U[−Δ/2, Δ/2] (docs/method.md §6): :func:`uniform_noise` samples δ,
+  :func:`hutchinson_curvature` estimates E[½·δᵀHδ] = Σᵢ (Δᵢ²/24)·Hᵢᵢ with one
+  HVP per sample, :func:`antithetic_gap` measures
+  ½[L(z+δ) + L(z−δ)] − L(z) (the even part of the loss change, kinks
+  included); :func:`hutchinson_from_hvp` and :func:`linearization_point`
+  run the estimate on the Hessian map :func:`l1grad.penalty.value_and_grad`
+  hands to its ``extra`` terms; :func:`second_order_draw` draws all of them
+  at once, to check them by brute force. All are differentiable: a training
+  step can add them to the penalty (``examples/second_order.py``).
 
 The activation noise at a point is recorded *in the quantized network*:
 δ_A = Q(x') − x' where x' is what arrives at the point when everything
@@ -37,7 +52,7 @@ L(z + δ) − L(z) is the real PTQ loss change.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 import functools
 from typing import Any, NamedTuple
 
@@ -56,20 +71,29 @@ from l1grad import quant
 from l1grad import ranges as ranges_lib
 
 __all__ = [
+  "TRAIN_KWARGS",
+  "TRAIN_MUTABLE",
   "QuantNoise",
   "activation_step",
+  "antithetic_gap",
   "apply_at",
   "cross_entropy",
   "expansion_point",
   "expansion_terms",
   "gradient_norms",
+  "hutchinson_curvature",
+  "hutchinson_from_hvp",
   "hvp",
   "inner",
   "kl_divergence",
+  "linearization_point",
   "loss_at",
   "noise_histogram",
+  "point_loss",
   "quantization_noise",
+  "second_order_draw",
   "split_weights",
+  "uniform_noise",
   "weight_noise",
   "weights_of",
   "worst_case_bound",
@@ -78,6 +102,14 @@ __all__ = [
 
 PyTree = Any
 Batch = Mapping[str, ArrayLike]
+# Which collections ``model.apply`` returns updated (Flax's ``mutable``):
+# False for none (then it returns the output alone).
+Mutable = bool | str | Sequence[str]
+
+# Batch norm in train mode (batch statistics, updated running averages): pass
+# ``apply_kwargs=TRAIN_KWARGS, mutable=TRAIN_MUTABLE`` to the functions below.
+TRAIN_KWARGS: Mapping[str, Any] = {"train": True}
+TRAIN_MUTABLE: tuple[str, ...] = ("batch_stats",)
 
 # Histograms of δ/Δ: bins of width 1/21 placed so that ±½ (the rounding
 # bound) are bin edges and 0 is a bin centre (exact zeros, e.g. ReLU zeros,
@@ -117,12 +149,44 @@ def _with_params(variables: Any, params: PyTree) -> Any:
   return {**variables, "params": params}
 
 
+def _apply_options(
+  apply_kwargs: Mapping[str, Any], mutable: Mutable
+) -> tuple[dict[str, Any], Mutable]:
+  """``apply_kwargs`` without ``mutable``, and the collections to update.
+
+  ``mutable`` may come as the argument or inside ``apply_kwargs`` (the
+  keywords of a train-mode ``model.apply``); either way the functions below
+  know that ``model.apply`` returns ``(output, updates)``.
+  """
+  kwargs = dict(apply_kwargs)
+  given = kwargs.pop("mutable", False)
+  return kwargs, mutable if mutable is not False else given
+
+
+def _apply(
+  model: nn.Module,
+  variables: Any,
+  images: ArrayLike,
+  kwargs: Mapping[str, Any],
+  mutable: Mutable,
+) -> Any:
+  if mutable is False:
+    # The eval-mode call exactly as before (same program, same numbers).
+    return ranges_lib.apply_model(model, variables, images, kwargs)
+  if isinstance(mutable, Sequence) and not isinstance(mutable, str):
+    mutable = list(mutable)
+  return ranges_lib.apply_model(
+    model, variables, images, {**kwargs, "mutable": mutable}
+  )
+
+
 def expansion_point(
   model: nn.Module,
   variables: Any,
   images: ArrayLike,
   *,
   apply_kwargs: Mapping[str, Any] = ranges_lib.EVAL_KWARGS,
+  mutable: Mutable = False,
 ) -> dict[str, dict[str, jax.Array]]:
   """The float model as a point ``z = {"weights": ..., "acts": ...}``.
 
@@ -131,16 +195,20 @@ def expansion_point(
     variables: Its variables as evaluated: folded
       (:class:`l1grad.fold.FoldedVariables`) or a plain variables dict.
     images: A batch (its shape fixes the activation points' shapes).
-    apply_kwargs: Evaluation-mode arguments of ``model.apply``.
+    apply_kwargs: Arguments of ``model.apply``: evaluation mode by default,
+      :data:`TRAIN_KWARGS` for batch norm in train mode.
+    mutable: Collections ``model.apply`` updates (:data:`TRAIN_MUTABLE` in
+      train mode), or False.
 
   Returns:
     ``{"weights": {layer: kernel}, "acts": {point: zeros}}``: the kernels and
     a zero perturbation per activation point, shaped like the batch's
     activations.
   """
+  kwargs, mutable = _apply_options(apply_kwargs, mutable)
   weights, _ = params_lib.split_kernels(_params(variables))
   shapes = perturb.activation_shapes(
-    lambda v, x: ranges_lib.apply_model(model, v, x, apply_kwargs),
+    lambda v, x: _apply(model, v, x, kwargs, mutable),
     variables,
     jnp.asarray(images),
   )
@@ -154,7 +222,8 @@ def apply_at(
   images: ArrayLike,
   *,
   apply_kwargs: Mapping[str, Any] = ranges_lib.EVAL_KWARGS,
-) -> jax.Array:
+  mutable: Mutable = False,
+) -> Any:
   """Logits at ``z``: kernels ``z["weights"]``, perturbations ``z["acts"]``.
 
   Args:
@@ -164,15 +233,21 @@ def apply_at(
     z: ``{"weights": {layer: kernel}, "acts": {point: perturbation}}`` as
       from :func:`expansion_point` (possibly moved).
     images: The input batch.
-    apply_kwargs: Evaluation-mode arguments of ``model.apply``.
+    apply_kwargs: Arguments of ``model.apply``: evaluation mode by default,
+      :data:`TRAIN_KWARGS` for batch norm in train mode. A ``"mutable"``
+      entry counts as the argument ``mutable``.
+    mutable: Collections ``model.apply`` returns updated
+      (:data:`TRAIN_MUTABLE` in train mode), or False.
 
   Returns:
-    The logits.
+    The logits; with ``mutable``, ``(logits, updates)`` as ``model.apply``
+    returns them (``updates["batch_stats"]``: the new running averages).
   """
+  kwargs, mutable = _apply_options(apply_kwargs, mutable)
   _, merge = params_lib.split_kernels(_params(variables))
   moved = _with_params(variables, merge(z["weights"]))
   with perturb.perturbed(z["acts"]):
-    return ranges_lib.apply_model(model, moved, images, apply_kwargs)
+    return _apply(model, moved, images, kwargs, mutable)
 
 
 def cross_entropy(
@@ -206,26 +281,78 @@ def loss_at(
   batch: Batch,
   *,
   apply_kwargs: Mapping[str, Any] = ranges_lib.EVAL_KWARGS,
-) -> jax.Array:
+  mutable: Mutable = False,
+) -> Any:
   """L(z): the masked mean cross-entropy of :func:`apply_at` on ``batch``.
 
   ``functools.partial(loss_at, model, variables)`` is a ``(z, batch) -> L``
-  function for :func:`hvp` and :func:`expansion_terms`.
+  function for :func:`hvp` and :func:`expansion_terms`. In train mode
+  (``mutable``) it returns ``(L, updates)``, for ``jax.grad(...,
+  has_aux=True)``; the scalar-loss building blocks take
+  ``lambda z, b: loss_at(..., mutable=...)[0]``. With batch norm in train
+  mode the batch statistics are functions of ``z`` too, so derivatives
+  include their share (as in training).
 
   Args:
     model: A linen model.
     variables: Its variables (folded or plain).
     z: The point (see :func:`apply_at`).
     batch: ``{"image", "label"}`` and optionally ``"mask"``.
-    apply_kwargs: Evaluation-mode arguments of ``model.apply``.
+    apply_kwargs: Arguments of ``model.apply`` (see :func:`apply_at`).
+    mutable: Collections ``model.apply`` returns updated, or False.
 
   Returns:
-    The scalar loss.
+    The scalar loss; with ``mutable``, ``(loss, updates)``.
   """
-  logits = apply_at(
-    model, variables, z, batch["image"], apply_kwargs=apply_kwargs
+  kwargs, mutable = _apply_options(apply_kwargs, mutable)
+  out = apply_at(
+    model, variables, z, batch["image"], apply_kwargs=kwargs, mutable=mutable
   )
-  return cross_entropy(logits, batch["label"], batch.get("mask"))
+  logits, updates = (out, None) if mutable is False else out
+  loss = cross_entropy(logits, batch["label"], batch.get("mask"))
+  return loss if mutable is False else (loss, updates)
+
+
+def point_loss(
+  loss_fn: Callable[..., Any],
+  params: PyTree,
+  *args: Any,
+  points: str = "layer_inputs",
+) -> tuple[dict[str, dict[str, jax.Array]], Callable[..., Any]]:
+  """Any user loss as a function of ``z = {"weights", "acts"}``.
+
+  The parametrization :func:`l1grad.penalty.value_and_grad` differentiates:
+  the kernels of ``params`` (leaves named ``kernel``, keyed by layer) and a
+  zero perturbation at every activation point of :mod:`l1grad.perturb`,
+  found by tracing ``loss_fn(params, *args)`` (no computation runs).
+  ``loss_fn`` may apply any linen model in any mode: a train-mode loss that
+  returns ``(loss, aux)`` with the new batch statistics works as it is.
+
+  Args:
+    loss_fn: ``(params, *args) -> loss`` or ``(loss, aux)``.
+    params: Its parameters; leaves named ``kernel`` are W.
+    *args: The rest of its arguments (a batch, batch statistics, an rng),
+      bound into the returned function.
+    points: Where A is read (:data:`l1grad.perturb.POINTS`).
+
+  Returns:
+    ``(z, fn)``: the point (kernels of ``params``, zero perturbations), and
+    ``fn(z)``, whatever ``loss_fn`` returns with the kernels ``z["weights"]``
+    (the other leaves from ``params``) and ``z["acts"]`` added at the
+    points. ``fn(z)`` at the returned ``z`` equals ``loss_fn(params,
+    *args)``.
+  """
+  call = lambda p: loss_fn(p, *args)
+  shapes = perturb.activation_shapes(call, params)
+  sites = perturb.point_sites(points, call, params)
+  kernels, merge = params_lib.split_kernels(params)
+  z = {"weights": dict(kernels), "acts": perturb.zero_perturbations(shapes)}
+
+  def fn(z_: Mapping[str, Mapping[str, ArrayLike]]) -> Any:
+    with perturb.perturbed(z_["acts"], sites=sites):
+      return call(merge(z_["weights"]))
+
+  return z, fn
 
 
 # ---------------------------------------------------------------------------
@@ -374,6 +501,247 @@ def kl_divergence(
     return jnp.mean(kl)
   m = jnp.asarray(mask, jnp.float32)
   return jnp.sum(kl * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+# ---------------------------------------------------------------------------
+# The expected second-order loss of uniform noise.
+# ---------------------------------------------------------------------------
+
+
+def _leaves_and_steps(
+  z: PyTree, step: PyTree
+) -> tuple[list[jax.Array], list[jax.Array], Any]:
+  """The leaves of ``z``, its bin widths in the same order, the treedef.
+
+  ``step`` may be a prefix of ``z``'s structure: a leaf of it is the bin
+  width of every tensor below (one number for all the activation points).
+  """
+  leaves, treedef = jax.tree.flatten(z)
+  full = jax.tree.map(lambda s, sub: jax.tree.map(lambda _: s, sub), step, z)
+  steps = treedef.flatten_up_to(full)
+  leaves = [jnp.asarray(x) for x in leaves]
+  steps = [jnp.asarray(s, x.dtype) for s, x in zip(steps, leaves)]
+  return leaves, steps, treedef
+
+
+def uniform_noise(key: jax.Array, z: PyTree, step: PyTree) -> PyTree:
+  """δ ~ U[−Δ/2, Δ/2], independent per element: the paper's model of rounding.
+
+  Pure and jittable; one key per leaf (split from ``key``), so a leaf's
+  noise does not depend on the other leaves' shapes.
+
+  Args:
+    key: A PRNG key.
+    z: The point, e.g. ``{"weights": ..., "acts": ...}``; δ takes its
+      leaves' shapes and dtypes.
+    step: Bin widths Δ, structured like ``z`` (or a prefix of it: one Δ for
+      a whole subtree), each leaf broadcastable to its ``z`` leaf (a scalar
+      per tensor, or per channel); 0 where a tensor is not quantized (its δ
+      is 0).
+
+  Returns:
+    δ, structured like ``z``.
+  """
+  leaves, steps, treedef = _leaves_and_steps(z, step)
+  keys = jax.random.split(key, max(len(leaves), 1))
+  noise = [
+    s * jax.random.uniform(k, x.shape, x.dtype, -0.5, 0.5)
+    for k, x, s in zip(keys, leaves, steps)
+  ]
+  return jax.tree.unflatten(treedef, noise)
+
+
+def _rademacher_probe(key: jax.Array, z: PyTree, step: PyTree) -> PyTree:
+  """v = r·Δ/√12, r = ±1: E[v vᵀ] = E[δ δᵀ] = diag(Δ²/12) of uniform δ."""
+  leaves, steps, treedef = _leaves_and_steps(z, step)
+  keys = jax.random.split(key, max(len(leaves), 1))
+  probe = [
+    jax.random.rademacher(k, x.shape, x.dtype) * (s / jnp.sqrt(12.0))
+    for k, x, s in zip(keys, leaves, steps)
+  ]
+  return jax.tree.unflatten(treedef, probe)
+
+
+def hutchinson_from_hvp(
+  hvp_fn: Callable[[PyTree], PyTree],
+  z: PyTree,
+  step: PyTree,
+  key: jax.Array,
+  *,
+  num_samples: int = 1,
+) -> jax.Array:
+  """:func:`hutchinson_curvature` given the Hessian map ``v ↦ H·v`` itself.
+
+  For a map that already exists, e.g. the linearization the penalty builds
+  (:func:`linearization_point`), so the estimate costs one forward-mode pass
+  through it per sample and no new gradient.
+
+  Args:
+    hvp_fn: ``v -> H·v``, both structured like ``z``.
+    z: The point (only its structure, shapes and dtypes are used).
+    step: Bin widths Δ structured like ``z`` (see :func:`uniform_noise`).
+    key: PRNG key of the probes.
+    num_samples: Probes averaged (see :func:`hutchinson_curvature`).
+
+  Returns:
+    The estimate of Σᵢ (Δᵢ²/24)·Hᵢᵢ, a scalar.
+  """
+  if num_samples < 1:
+    raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
+  # One sample uses the key itself: n calls with the keys of
+  # jax.random.split(key, n) average to the n-sample estimate.
+  keys = [key] if num_samples == 1 else jax.random.split(key, num_samples)
+  total = None
+  for k in keys:
+    v = _rademacher_probe(k, z, step)
+    value = 0.5 * inner(v, hvp_fn(v))
+    total = value if total is None else total + value
+  return total / num_samples
+
+
+def hutchinson_curvature(
+  loss_fn: Callable[..., jax.Array],
+  z: PyTree,
+  step: PyTree,
+  key: jax.Array,
+  *args: Any,
+  num_samples: int = 1,
+) -> jax.Array:
+  """Hutchinson estimate of E_δ[½·δᵀHδ] = Σᵢ (Δᵢ²/24)·Hᵢᵢ, δ ~ U[−Δ/2, Δ/2].
+
+  The expected second-order loss change of uniform quantization noise
+  (the first-order term has mean 0). Unbiased: with v = r·Δ/√12, r
+  Rademacher, E[v vᵀ] = diag(Δ²/12) = E[δ δᵀ], so E[½·vᵀHv] is the same
+  expectation; Rademacher probes give the smallest variance of such
+  estimators. One Hessian-vector product (:func:`hvp`, forward-over-reverse)
+  per sample. Differentiable: its gradient (third-order autodiff) trains
+  the term.
+
+  Args:
+    loss_fn: ``(z, *args) -> scalar`` (for a train-mode loss with aux, wrap
+      it: ``lambda z, *a: f(z, *a)[0]``).
+    z: The point, e.g. from :func:`expansion_point` or :func:`point_loss`.
+    step: Bin widths Δ structured like ``z`` (see :func:`uniform_noise`).
+    key: PRNG key of the probes.
+    *args: Further arguments of ``loss_fn`` (e.g. the batch).
+    num_samples: Probes averaged. The loop is unrolled into the trace (each
+      sample its own HVP in the program): for many samples, jit one sample
+      and loop over keys (on CPU an HVP inside ``lax.map``/``vmap`` ran
+      15–25× slower than a Python loop of jitted calls, issue 15).
+
+  Returns:
+    The estimate, a scalar (the mean over the samples).
+  """
+  hvp_fn = lambda v: hvp(loss_fn, z, v, *args)[1]
+  return hutchinson_from_hvp(hvp_fn, z, step, key, num_samples=num_samples)
+
+
+def linearization_point(
+  lin: penalty.Linearization,
+) -> tuple[dict[str, dict[str, jax.Array]], Callable[[PyTree], PyTree]]:
+  """``z`` and its Hessian map from the penalty's :class:`~l1grad.penalty.Linearization`.
+
+  For a term of :func:`l1grad.penalty.value_and_grad` (``extra``): the same
+  point as :func:`point_loss` (the kernels, zero perturbations at the
+  activation points) and ``v ↦ H·v`` through the linearization the penalty
+  already built: ``z, hvp_fn = linearization_point(lin)``, then
+  ``hutchinson_from_hvp(hvp_fn, z, step, key)`` costs one extra
+  forward-mode pass and is trained to third order.
+
+  Args:
+    lin: What ``extra`` receives.
+
+  Returns:
+    ``(z, hvp_fn)``: ``{"weights": {layer: W}, "acts": {point: 0}}`` and a
+    function from a tangent structured like ``z`` to H·v structured alike.
+  """
+  z = {
+    "weights": dict(lin.kernels),
+    "acts": {k: jnp.zeros_like(g) for k, g in lin.grad_a.items()},
+  }
+
+  def hvp_fn(v: PyTree) -> PyTree:
+    h_w, h_a = lin.hvp(v["weights"], v["acts"])
+    return {"weights": h_w, "acts": h_a}
+
+  return z, hvp_fn
+
+
+def antithetic_gap(
+  loss_fn: Callable[..., jax.Array],
+  z: PyTree,
+  delta: PyTree,
+  *args: Any,
+  loss: ArrayLike | None = None,
+) -> jax.Array:
+  """½[L(z+δ) + L(z−δ)] − L(z): the even part of the loss change along δ.
+
+  Equal to ½·δᵀHδ + O(‖δ‖⁴) (the odd terms cancel), exactly ½·δᵀHδ for a
+  quadratic loss. Unlike the Hessian it sees the ReLU and max-pool kinks
+  that δ crosses, and it needs no third-order autodiff to be trained: two
+  extra forward passes (and their backward passes in training). With δ from
+  :func:`uniform_noise`, its mean over δ is the expected even part of the
+  loss change of uniform noise.
+
+  Args:
+    loss_fn: ``(z, *args) -> scalar``.
+    z: The point.
+    delta: δ, structured like ``z`` (cast to its dtypes).
+    *args: Further arguments of ``loss_fn``.
+    loss: L(z) if already computed (saves a forward pass); else computed.
+
+  Returns:
+    The gap, a scalar.
+  """
+  delta = _cast_like(delta, z)
+  plus = loss_fn(jax.tree.map(jnp.add, z, delta), *args)
+  minus = loss_fn(jax.tree.map(jnp.subtract, z, delta), *args)
+  base = loss_fn(z, *args) if loss is None else jnp.asarray(loss)
+  return 0.5 * (plus + minus) - base
+
+
+def second_order_draw(
+  loss_fn: Callable[..., jax.Array],
+  z: PyTree,
+  step: PyTree,
+  key: jax.Array,
+  *args: Any,
+) -> dict[str, jax.Array]:
+  """One draw of each second-order quantity, to check them by brute force.
+
+  Averaged over draws (a Python loop over keys of a jitted call is fastest
+  on CPU), ``hutchinson`` and ``curvature`` estimate the same
+  Σᵢ (Δᵢ²/24)·Hᵢᵢ, and ``induced`` and ``antithetic`` the same mean induced
+  loss E[L(z+δ)] − L(z) (δ is symmetric), ``antithetic`` without the
+  first-order term's variance. Their gap, ``antithetic`` − ``curvature``, is
+  what the Hessian misses: third and higher orders, the ReLU and max-pool
+  kinks the noise crosses. Two HVPs and three losses per draw.
+
+  Args:
+    loss_fn: ``(z, *args) -> scalar``.
+    z: The point.
+    step: Bin widths Δ structured like ``z`` (see :func:`uniform_noise`).
+    key: PRNG key of this draw.
+    *args: Further arguments of ``loss_fn``.
+
+  Returns:
+    Scalars ``hutchinson`` (:func:`hutchinson_curvature`, one probe),
+    ``curvature`` (½·δᵀHδ of uniform δ from :func:`uniform_noise`),
+    ``first_order`` (⟨δ, ∇L⟩), ``induced`` (L(z+δ) − L(z)) and
+    ``antithetic`` (:func:`antithetic_gap` of the same δ).
+  """
+  k_probe, k_noise = jax.random.split(key)
+  delta = uniform_noise(k_noise, z, step)
+  loss = loss_fn(z, *args)
+  grad, h_delta = hvp(loss_fn, z, delta, *args)
+  plus = loss_fn(jax.tree.map(jnp.add, z, delta), *args)
+  return {
+    "hutchinson": hutchinson_curvature(loss_fn, z, step, k_probe, *args),
+    "curvature": 0.5 * inner(delta, h_delta),
+    "first_order": inner(delta, grad),
+    "induced": plus - loss,
+    "antithetic": antithetic_gap(loss_fn, z, delta, *args, loss=loss),
+  }
 
 
 # ---------------------------------------------------------------------------

@@ -10,7 +10,9 @@ Weights: :func:`quantize_kernels` quantizes every kernel of a params tree
 :func:`quantized_activations` quantizes every activation perturbation point of
 :mod:`l1grad.perturb` (the inputs of the Conv/Dense layers but the first),
 with fixed ranges or each batch's own. Batch-norm folding, which usually comes first, is in
-:mod:`l1grad.fold`.
+:mod:`l1grad.fold`. Bin widths as data: :func:`bin_widths` gives the Δ of
+every quantized tensor (kernels and activation points, by module path) that
+post-training quantization uses, from the same scale functions, jittable.
 
 Conventions (the paper's; written out in docs/method.md §2):
 
@@ -25,20 +27,28 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 import contextlib
-from typing import Any
+from typing import Any, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from l1grad import fold as fold_lib
 from l1grad import perturb
+from l1grad import ranges as ranges_lib
 from l1grad.params import is_kernel_path
+from l1grad.params import split_kernels
 
 __all__ = [
+  "BinWidths",
+  "activation_bin_widths",
   "activation_scale",
+  "bin_widths",
   "dynamic_range",
   "fake_quant",
   "grid_max",
+  "kernel_bin_widths",
   "kernel_scale",
   "quantize_activation",
   "quantize_kernels",
@@ -391,6 +401,212 @@ def quantized_activations(
 
   with perturb.transform_layer_inputs(quantize, sites=sites):
     yield
+
+
+# ---------------------------------------------------------------------------
+# Bin widths as data.
+# ---------------------------------------------------------------------------
+
+
+def kernel_bin_widths(
+  params: Any,
+  bits: ArrayLike,
+  *,
+  per_channel: bool = False,
+  layer_bits: Mapping[str, ArrayLike] | None = None,
+) -> dict[str, jax.Array]:
+  """Δ of every kernel of ``params`` (:func:`kernel_scale`, as PTQ uses it).
+
+  Args:
+    params: A params tree, plain or folded (``FoldedVariables.params``).
+    bits: Weight bit-width (may be traced).
+    per_channel: One Δ per output channel (shape ``(1, …, 1, C)``).
+    layer_bits: ``{layer: bits}`` for kernels at another bit-width
+      (:func:`l1grad.ptq.layer_bits`).
+
+  Returns:
+    ``{layer: Δ}``, keyed like :func:`l1grad.params.split_kernels`.
+  """
+  layer_bits = dict(layer_bits or {})
+  kernels = split_kernels(params)[0]
+  return {
+    name: kernel_scale(k, layer_bits.get(name, bits), per_channel=per_channel)
+    for name, k in kernels.items()
+  }
+
+
+def activation_bin_widths(
+  ranges: Mapping[str, tuple[ArrayLike, ArrayLike]],
+  bits: ArrayLike,
+  *,
+  point_bits: Mapping[str, ArrayLike] | None = None,
+) -> dict[str, jax.Array]:
+  """Δ of every activation point with a range (:func:`activation_scale`).
+
+  Args:
+    ranges: ``{point: (low, high)}`` (from batch norm or calibration).
+    bits: Activation bit-width (may be traced).
+    point_bits: ``{point: bits}`` for points at another bit-width.
+
+  Returns:
+    ``{point: Δ}`` (float32 scalars), in ``ranges``' order.
+  """
+  point_bits = dict(point_bits or {})
+  return {
+    key: activation_scale(point_bits.get(key, bits), low, high)
+    for key, (low, high) in ranges.items()
+  }
+
+
+class BinWidths(NamedTuple):
+  """The bin widths of a model quantized at (W, A), keyed by module path.
+
+  A pytree of arrays (jit can return it).
+
+  Attributes:
+    weights: ``{layer: Δ}`` of each kernel as it is quantized: the folded
+      kernel W·a where batch norm is folded (a = γ/√(var + ε) of the running
+      statistics), else W; a scalar per tensor, or ``(1, …, 1, C)`` per
+      output channel.
+    activations: ``{point: Δ}`` of each activation point, scalars.
+    fold_scales: ``{layer: a}`` of the folded layers, shape ``(C,)``
+      (:func:`l1grad.fold.fold_factors`); empty when not folded.
+  """
+
+  weights: dict[str, jax.Array]
+  activations: dict[str, jax.Array]
+  fold_scales: dict[str, jax.Array]
+
+  def unfolded_weights(self) -> dict[str, jax.Array]:
+    """The bin width each element of the *unfolded* kernel W moves on.
+
+    Deploying q(W·a) is the unfolded layer with W replaced by q(W·a)/a: a
+    grid of width Δ/|a| along output channel c, so the noise on W is at most
+    Δ/(2|a_c|) per element, and the first-order loss change is bounded by
+    Σ (Δ/(2|a|))·|∇_W L| (docs/method.md §1.1). For folded layers an array
+    that broadcasts against the kernel along its last (output) axis, shape
+    ``(C,)`` (``(1, …, 1, C)`` per channel), 0 where a = 0 (the kernel does
+    not reach the output); :attr:`weights` as they are for the others.
+    """
+    out = {}
+    for name, delta in self.weights.items():
+      a = self.fold_scales.get(name)
+      if a is None:
+        out[name] = delta
+        continue
+      a = jnp.abs(a).astype(delta.dtype)
+      safe = jnp.where(a > 0, a, jnp.ones_like(a))
+      out[name] = jnp.where(a > 0, delta / safe, jnp.zeros_like(a))
+    return out
+
+
+def bin_widths(
+  model: nn.Module,
+  variables: Mapping[str, Any] | fold_lib.FoldedVariables,
+  sample: Any,
+  w_bits: ArrayLike,
+  a_bits: ArrayLike,
+  *,
+  ranges: Mapping[str, tuple[ArrayLike, ArrayLike]] | None = None,
+  folded: bool = True,
+  per_channel: bool = False,
+  pairs: Mapping[Any, Any] | None = None,
+  layer_bits: Mapping[str, ArrayLike] | None = None,
+  point_bits: Mapping[str, ArrayLike] | None = None,
+  apply_kwargs: Mapping[str, Any] = ranges_lib.EVAL_KWARGS,
+) -> BinWidths:
+  """The Δ of every kernel and activation point, as PTQ would quantize them.
+
+  The same code as post-training quantization: batch norm folded with the
+  running statistics by :func:`l1grad.fold.fold_batch_norm` (``folded``),
+  the kernels' Δ by :func:`kernel_scale`, the activations' by
+  :func:`activation_scale` from ``ranges``, or, when None, from the
+  Data-Free Quantization ranges of the current BN parameters
+  (:func:`l1grad.ranges.dfq_activation_ranges`, PTQ's ``--act_ranges bn``,
+  computed under jit). So ``fake_quant(W_folded, w_bits, Δ)`` is the kernel
+  the evaluator runs, bit for bit, when both fold alike: XLA may round a
+  fold computed inside ``jit`` an ulp away from PTQ's (which folds outside
+  it), and Δ with it; pass the evaluator's own folded variables to get its
+  Δ exactly.
+
+  Pure and jittable (bit-widths and variables may be traced). Δ is
+  differentiable where it is a function of the variables (the kernels' max);
+  a caller that uses it as a weight wraps it in ``jax.lax.stop_gradient``.
+  The DFQ ranges carry no gradient. They are only meaningful for points
+  computed from batch-norm outputs: check a model once with
+  :func:`l1grad.ranges.bn_activation_ranges` (which raises otherwise), or
+  pass calibrated ``ranges``.
+
+  Args:
+    model: The linen model.
+    variables: Its unfolded variables (``params``, ``batch_stats``), or
+      variables already folded (:class:`l1grad.fold.FoldedVariables`, e.g.
+      a prepared run's ``eval_variables``): their kernels are used as they
+      are, ``ranges`` must be given (DFQ needs the batch norms) and
+      ``fold_scales`` is empty.
+    sample: An input batch, or a ``jax.ShapeDtypeStruct`` of one: only its
+      per-example shape and dtype are used.
+    w_bits: Weight bit-width (may be traced).
+    a_bits: Activation bit-width (may be traced).
+    ranges: ``{point: (low, high)}``, e.g. calibrated; None: DFQ.
+    folded: Fold batch norm first, as PTQ does by default.
+    per_channel: Per-output-channel weight Δ.
+    pairs: The Conv/Dense → BatchNorm pairs
+      (:func:`l1grad.fold.find_conv_bn_pairs`), found by tracing the model
+      when None.
+    layer_bits: ``{layer: bits}`` (:func:`l1grad.ptq.layer_bits`).
+    point_bits: ``{point: bits}`` (:func:`l1grad.ptq.layer_bits`).
+    apply_kwargs: Evaluation-mode arguments of ``model.apply``.
+
+  Returns:
+    :class:`BinWidths` (its :meth:`BinWidths.unfolded_weights` maps the
+    folded kernels' Δ onto the unfolded kernels).
+  """
+  example = jnp.zeros((1, *sample.shape[1:]), sample.dtype)
+  if isinstance(variables, fold_lib.FoldedVariables):
+    if ranges is None:
+      raise ValueError(
+        "bin_widths of folded variables needs ranges: the DFQ rule reads the"
+        " batch norms, which folding removed. Pass the unfolded variables,"
+        " or the ranges (e.g. a prepared run's)."
+      )
+    return BinWidths(
+      weights=kernel_bin_widths(
+        variables.params, w_bits, per_channel=per_channel, layer_bits=layer_bits
+      ),
+      activations=activation_bin_widths(ranges, a_bits, point_bits=point_bits),
+      fold_scales={},
+    )
+  variables = {k: v for k, v in variables.items() if v}
+  if not folded:
+    pairs = {}
+  elif pairs is None:
+    pairs = fold_lib.find_conv_bn_pairs(
+      model, variables, example, **dict(apply_kwargs)
+    )
+  params = variables["params"]
+  scales = {}
+  if pairs:
+    params = fold_lib.fold_batch_norm(variables, pairs).params
+    scales = {
+      name: f.scale
+      for name, f in fold_lib.fold_factors(variables, pairs).items()
+    }
+  if ranges is None:
+    ranges = ranges_lib.dfq_activation_ranges(
+      model,
+      variables,
+      tuple(example.shape[1:]),
+      example.dtype,
+      apply_kwargs=apply_kwargs,
+    )
+  return BinWidths(
+    weights=kernel_bin_widths(
+      params, w_bits, per_channel=per_channel, layer_bits=layer_bits
+    ),
+    activations=activation_bin_widths(ranges, a_bits, point_bits=point_bits),
+    fold_scales=scales,
+  )
 
 
 # Batch-norm folding lived here before l1grad.fold; the old names still work.

@@ -478,6 +478,8 @@ def prepare_run(
       global_batch_size=batch_size,
       data_dir=data_dir(config),
       max_examples=settings.calib_batches * batch_size,
+      # The run's hold-out stays held out: calibration reads its train split.
+      minival_examples=int(config_value(config, "minival_examples", 0)),
     )
     ranges = ranges_lib.calibrated_activation_ranges(
       model, eval_variables, batches

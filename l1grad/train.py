@@ -15,6 +15,7 @@ lock, SIGTERM/Ctrl-C, the finite checks, the metric writer) is
 from __future__ import annotations
 
 from collections.abc import Callable
+import functools
 import signal
 import time
 from typing import Any
@@ -33,15 +34,19 @@ from l1grad import bits as bits_lib
 from l1grad import checkpoint
 from l1grad import config_lib
 from l1grad import data
+from l1grad import fold
 from l1grad import models
 from l1grad import params as params_lib
 from l1grad import penalty
 from l1grad import perturb
 from l1grad import qat
 from l1grad import quant
+from l1grad import ranges as ranges_lib
 from l1grad import regularizers
 from l1grad import run_guard
 from l1grad.errors import CheckpointError
+from l1grad.errors import ConfigError
+from l1grad.errors import UserError
 
 PyTree = Any
 Metrics = dict[str, jax.Array]
@@ -104,7 +109,7 @@ def create_model(
   """
   if num_classes is None:
     num_classes = data.get_info(
-      config.dataset, data_dir=config.data_dir or None
+      config.dataset, **config_lib.data_kwargs(config)
     ).num_classes
   return models.from_config(config, num_classes)
 
@@ -185,6 +190,9 @@ def make_loss_fn(
   frozen-statistics (PTQ) forward pass, and ``act_ranges`` are the activation
   ranges of :meth:`l1grad.qat.FoldedSTE.ranges`, computed by the loss when not
   given (the train step passes them, computed outside the gradient penalty).
+  The cross-entropy is computed in the logits' dtype promoted to at least
+  float32: float32 for float32 and bfloat16 models, float64 for a float64
+  model under ``jax_enable_x64`` (third-order checks).
   """
   qat_bits = bits_lib.parse_pair(config.qat.bits) if config.qat.bits else None
   folded_ste = qat.from_config(model, config)
@@ -219,7 +227,7 @@ def make_loss_fn(
         )
       new_stats = updates["batch_stats"]
     xent = optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), labels
+      logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), labels
     ).mean()
     dq = (
       regularizers.orthogonality_penalty(params, beta=dq_beta)
@@ -237,6 +245,104 @@ def make_loss_fn(
   return loss_fn
 
 
+@functools.lru_cache(maxsize=16)
+def _bin_width_pairs(
+  model: nn.Module,
+  example_shape: tuple[int, ...],
+  dtype_name: str,
+  with_activations: bool,
+) -> Any:
+  """The model's Conv/Dense → BatchNorm pairs, its DFQ ranges checked.
+
+  Found on stand-in variables (the pairs and the ranges' derivation depend
+  on the graph, not on the values), once per model and input shape; may be
+  called while the step is traced.
+
+  Raises:
+    ConfigError: ``with_activations`` and a quantized activation is not
+      computed from batch-norm outputs only (no DFQ range, so no Δ).
+  """
+  with jax.ensure_compile_time_eval():
+    sample = jnp.zeros((1, *example_shape), jnp.dtype(dtype_name))
+    abstract = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), sample, train=False)
+    )
+    variables = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), abstract)
+    pairs = fold.find_conv_bn_pairs(model, variables, sample, train=False)
+    if with_activations:
+      try:
+        ranges_lib.bn_activation_ranges(model, variables, sample)
+      except UserError as e:
+        raise ConfigError(
+          "config.reg.weighting: 'bin_width' takes the activations' bin"
+          " widths from the batch-norm (DFQ) ranges, which this model does"
+          f" not allow ({e}). Use --config.reg.act_coef=0 to weight the"
+          " kernels only, or --config.reg.weighting=none."
+        ) from None
+  return pairs
+
+
+def bin_width_coefs(
+  model: nn.Module,
+  params: PyTree,
+  batch_stats: PyTree,
+  images: jax.Array,
+  bits: tuple[int, int],
+  *,
+  weight_coef: float,
+  act_coef: float,
+) -> tuple[Any, Any]:
+  """The ``reg.weighting="bin_width"`` coefficients: λ·Δ/2 per tensor.
+
+  The kernels' Δ is that of PTQ at ``bits`` (batch norm folded with the
+  running statistics, :func:`l1grad.quant.bin_widths`) mapped onto the
+  unfolded kernel the penalty differentiates (Δ/|a| per output channel,
+  :meth:`l1grad.quant.BinWidths.unfolded_weights`); the activations' Δ
+  comes from the DFQ ranges of the current BN parameters. Held fixed in the
+  derivative (``stop_gradient``): Δ weights the gradient norm, it is not
+  something to optimize. Traceable; called by the train step.
+
+  Args:
+    model: The linen model.
+    params: The current (unfolded) params.
+    batch_stats: The running statistics.
+    images: A batch (its shape and dtype).
+    bits: ``(W, A)``, ``reg.target_bits``.
+    weight_coef: λ_w (a literal 0: no weight term).
+    act_coef: λ_a (likewise).
+
+  Returns:
+    ``(weight_coef, act_coef)`` for :func:`l1grad.penalty.value_and_grad`:
+    tables ``{layer: λ_w·Δ/2}`` (shape ``(C,)`` for folded layers) and
+    ``{point: λ_a·Δ/2}``, or 0 for a term that is off.
+
+  Raises:
+    ConfigError: The activation term is on and the model has no DFQ ranges.
+  """
+  with_a = act_coef != 0
+  pairs = _bin_width_pairs(
+    model, tuple(images.shape[1:]), jnp.dtype(images.dtype).name, with_a
+  )
+  widths = jax.lax.stop_gradient(
+    quant.bin_widths(
+      model,
+      {"params": params, "batch_stats": batch_stats},
+      images,
+      bits[0],
+      bits[1],
+      pairs=pairs,
+      ranges=None if with_a else {},
+    )
+  )
+  w = 0.0
+  if weight_coef != 0:
+    w = {n: weight_coef * d / 2 for n, d in widths.unfolded_weights().items()}
+  a = 0.0
+  if with_a:
+    a = {k: act_coef * d / 2 for k, d in widths.activations.items()}
+  return w, a
+
+
 def make_train_step(
   model: nn.Module,
   config: ml_collections.ConfigDict,
@@ -251,7 +357,9 @@ def make_train_step(
   ``regularized`` switches the gradient-norm penalty or the DQ term on;
   ``bn_frozen`` the frozen batch statistics of folded STE training
   (:mod:`l1grad.qat`). The trainer compiles each variant it uses once and
-  picks per step.
+  picks per step. With ``reg.weighting="bin_width"`` the ℓ1 penalty's
+  coefficients are per tensor, λ·Δ/2 at ``reg.target_bits``, recomputed in
+  the step from the current params (:func:`bin_width_coefs`).
   """
   reg = config.reg
   grad_reg = regularized and reg.kind in ("l1", "l2")
@@ -261,11 +369,8 @@ def make_train_step(
     model, config, regularized=regularized, bn_frozen=bn_frozen
   )
   folded_ste = qat.from_config(model, config)
-  value_and_grad = penalty.value_and_grad(
-    loss_fn,
+  penalty_kwargs = dict(
     ord=2 if reg.kind == "l2" else 1,
-    weight_coef=weight_coef,
-    act_coef=act_coef,
     method=reg.method,
     has_aux=True,
     fd_step=reg.fd_step,
@@ -273,6 +378,12 @@ def make_train_step(
     points=reg.get("points", "layer_inputs"),
     act_norm=reg.get("act_norm", "none"),
   )
+  value_and_grad = penalty.value_and_grad(
+    loss_fn, weight_coef=weight_coef, act_coef=act_coef, **penalty_kwargs
+  )
+  target_bits = None
+  if grad_reg and reg.get("weighting", "none") == "bin_width":
+    target_bits = bits_lib.parse_pair(reg.target_bits)
 
   def train_step(
     state: TrainState, batch: dict[str, jax.Array], rng: jax.Array
@@ -290,7 +401,22 @@ def make_train_step(
       # inputs must not see the ranges' own forward pass.
       ste = folded_ste(batch["image"].shape[1:], batch["image"].dtype)
       args += (ste.ranges(state.params, state.batch_stats),)
-    (total, info), grads = value_and_grad(*args)
+    step_value_and_grad = value_and_grad
+    if target_bits is not None:
+      # Outside the penalty too, from the params before the update.
+      w_coef, a_coef = bin_width_coefs(
+        model,
+        state.params,
+        state.batch_stats,
+        batch["image"],
+        target_bits,
+        weight_coef=weight_coef,
+        act_coef=act_coef,
+      )
+      step_value_and_grad = penalty.value_and_grad(
+        loss_fn, weight_coef=w_coef, act_coef=a_coef, **penalty_kwargs
+      )
+    (total, info), grads = step_value_and_grad(*args)
     aux = info["aux"]
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -372,19 +498,26 @@ def evaluate(
   config: ml_collections.ConfigDict,
   sharding: NamedSharding,
 ) -> dict[str, float]:
-  """Accuracy and loss over the whole test split (padded batches masked)."""
+  """Accuracy and loss over ``config.eval_split`` (padded batches masked).
+
+  The keys are ``test_accuracy`` and ``test_loss`` whichever split was read
+  (their names predate the ``"minival"`` split); ``eval_on_minival`` is 1.0
+  when it was ``"minival"``, 0.0 when ``"test"``.
+  """
   max_examples = (
     config.max_eval_examples if config.max_eval_examples > 0 else None
   )
+  split = config_lib.eval_split(config)
   sums = None
   for batch in data.eval_batches(
     config.dataset,
-    "test",
+    split,
     global_batch_size=config_lib.eval_batch_size(config),
     process_index=jax.process_index(),
     process_count=jax.process_count(),
     data_dir=config.data_dir or None,
     max_examples=max_examples,
+    minival_examples=config_lib.minival_examples(config),
   ):
     out = eval_step(state, global_batch(batch, sharding))
     sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
@@ -393,6 +526,8 @@ def evaluate(
   return {
     "test_accuracy": float(sums["correct"]) / count,
     "test_loss": float(sums["loss"]) / count,
+    # A number, not the name: every scalar also goes to TensorBoard.
+    "eval_on_minival": float(split == data.MINIVAL),
   }
 
 
@@ -505,24 +640,45 @@ def train_and_evaluate(
     TrainingDivergedError: a non-finite loss, gradient or state.
   """
   config_lib.validate(config)
-  # Before the workdir is created or locked: a missing dataset must leave
-  # nothing behind.
-  data.get_info(config.dataset, data_dir=config.data_dir or None)
+  # Before the workdir is created or locked: a missing dataset (or a
+  # hold-out larger than it) must leave nothing behind.
+  data.get_info(config.dataset, **config_lib.data_kwargs(config))
   workdir = run_guard.prepare_workdir(workdir)
   with run_guard.WorkdirLock(workdir):
     return _train_locked(config, workdir)
+
+
+def lazy_step_config(
+  config: ml_collections.ConfigDict,
+) -> ml_collections.ConfigDict:
+  """The config the regularized step variant is built from.
+
+  With ``reg.every_steps = k > 1`` the penalty runs on every k-th step only,
+  so there its coefficients (λ_w, λ_a, or DQ's β) are multiplied by k:
+  StyleGAN2's lazy regularization, the same penalty per step on average.
+  The coefficients are constants of the compiled step, hence a scaled copy
+  of the config. For k = 1 this is ``config`` itself: the step is the one it
+  has always been.
+  """
+  k = config_lib.reg_every_steps(config)
+  if k == 1:
+    return config
+  scaled = config.copy_and_resolve_references()
+  scaled.reg.weight_coef = k * config.reg.weight_coef
+  if config.reg.act_coef != -1:  # -1 ("same as λ_w") follows the scaled λ_w
+    scaled.reg.act_coef = k * config.reg.act_coef
+  return scaled
 
 
 def _train_locked(
   config: ml_collections.ConfigDict, workdir: str
 ) -> TrainState:
   """``train_and_evaluate`` once the workdir is this process's."""
-  info = data.get_info(config.dataset, data_dir=config.data_dir or None)
+  data_kwargs = config_lib.data_kwargs(config)
+  info = data.get_info(config.dataset, **data_kwargs)
   plan = config_lib.step_plan(
     config,
-    data.steps_per_epoch(
-      config.dataset, config.batch_size, data_dir=config.data_dir or None
-    ),
+    data.steps_per_epoch(config.dataset, config.batch_size, **data_kwargs),
   )
   model = create_model(config, info.num_classes)
   lr = learning_rate_fn(config, plan)
@@ -566,7 +722,12 @@ def _train_locked(
     for regularized in (False, True):
       for frozen in (False, True) if freeze_step is not None else (False,):
         fn = make_train_step(
-          model, config, tx, lr, regularized=regularized, bn_frozen=frozen
+          model,
+          lazy_step_config(config) if regularized else config,
+          tx,
+          lr,
+          regularized=regularized,
+          bn_frozen=frozen,
         )
         step_fns[regularized, frozen] = jax.jit(
           fn,
@@ -598,8 +759,8 @@ def _train_locked(
       start_step=start,
       process_index=jax.process_index(),
       process_count=jax.process_count(),
-      data_dir=config.data_dir or None,
       worker_count=config.worker_count,
+      **data_kwargs,
     )
     console(
       "Training %s on %s: %d steps (%d epochs × %d), %s, %d device(s).",
@@ -610,7 +771,12 @@ def _train_locked(
       plan.steps_per_epoch,
       "no regularization"
       if plan.reg_start_step >= plan.total_steps
-      else f"regularization {config.reg.kind} from step {plan.reg_start_step}",
+      else f"regularization {config.reg.kind} from step {plan.reg_start_step}"
+      + (
+        f", every {plan.reg_every} steps (coefficients × {plan.reg_every})"
+        if plan.reg_every > 1
+        else ""
+      ),
       jax.device_count(),
     )
 
@@ -682,7 +848,10 @@ def _train_locked(
             scalars["weight_grad_l1"],
             scalars["act_grad_l1"],
             scalars["train_accuracy"],
-            f" test acc {scalars['test_accuracy']:.4f}" if eval_now else "",
+            f" {config_lib.eval_split(config)} acc"
+            f" {scalars['test_accuracy']:.4f}"
+            if eval_now
+            else "",
             scalars["learning_rate"],
             speed,
           )

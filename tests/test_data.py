@@ -184,6 +184,68 @@ def test_argument_errors():
     data.train_batches("digits", global_batch_size=2000, seed=0)
 
 
+def test_digits_minival_is_stratified_and_disjoint(digits_arrays):
+  x_train, y_train = digits_arrays["train"]
+  index = row_index(x_train)
+  info = data.get_info("digits", minival_examples=200)
+  assert info == data.DatasetInfo("digits", (8, 8, 1), 10, 1237, 360, 200)
+
+  def ids(split):
+    batches = list(
+      data.eval_batches(
+        "digits", split, global_batch_size=500, minival_examples=200
+      )
+    )
+    merged = concat_shards(batches)
+    images = merged["image"][merged["mask"]]
+    out = [index[img.tobytes()] for img in images]
+    np.testing.assert_array_equal(merged["label"][merged["mask"]], y_train[out])
+    return out
+
+  minival, rest = ids("minival"), ids("train")
+  assert len(minival) == 200 and len(rest) == 1237
+  assert not set(minival) & set(rest)
+  assert set(minival) | set(rest) == set(range(len(x_train)))
+  # Stratified: each class's share of 200 within one example of exact.
+  counts = np.bincount(y_train[minival], minlength=10)
+  exact = 200 * np.bincount(y_train, minlength=10) / len(y_train)
+  assert np.abs(counts - exact).max() < 1
+  assert ids("minival") == minival  # Fixed.
+  # Training reads only the rest.
+  spe = data.steps_per_epoch("digits", 100, minival_examples=200)
+  assert spe == 12
+  trained = {
+    index[img.tobytes()]
+    for b in take(
+      data.train_batches(
+        "digits", global_batch_size=100, seed=0, minival_examples=200
+      ),
+      2 * spe,
+    )
+    for img in b["image"]
+  }
+  assert not trained & set(minival)
+  with pytest.raises(ValueError, match="minival_examples"):
+    data.eval_batches("digits", "minival", global_batch_size=8)
+
+
+def test_digits_without_minival_batches_are_unchanged():
+  # minival_examples=0 and no max_train_examples read the official split
+  # itself, not a subset of it: the same batches as before they existed.
+  kw = dict(global_batch_size=64, seed=5)
+  plain = take(data.train_batches("digits", **kw), 3)
+  explicit = take(
+    data.train_batches(
+      "digits", minival_examples=0, max_train_examples=None, **kw
+    ),
+    3,
+  )
+  assert_batches_equal(explicit, plain)
+  big = take(data.train_batches("digits", max_train_examples=5000, **kw), 3)
+  assert_batches_equal(big, plain)  # More than there are: all, unchanged.
+  assert data.get_info("digits", minival_examples=0).num_minival == 0
+
+
 # ------------------------------------------------------------------ image ops
 
 

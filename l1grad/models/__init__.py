@@ -2,7 +2,10 @@
 
 Every model is a ``flax.linen`` Module called as ``model.apply(variables, x,
 train=...)`` on NHWC float images and returns float32 logits
-``[B, num_classes]``. The library relies on these conventions:
+``[B, num_classes]`` (``dtype=None`` makes a model compute in its inputs' and
+parameters' dtype: float64 ones under ``jax_enable_x64`` give float64
+logits, for higher-order derivative checks). The library relies on these
+conventions:
 
 * every weight is the ``kernel`` of a plain ``nn.Conv`` / ``nn.Dense``
   submodule (found by name, intercepted with ``nn.intercept_methods``);

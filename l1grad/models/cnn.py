@@ -29,7 +29,9 @@ class DigitsCNN(nn.Module):
     num_classes: number of logits.
     width: channels of the first conv; later convs have ``2 * width``, the
       hidden FC ``4 * width``.
-    dtype: compute dtype; parameters stay float32, logits are float32.
+    dtype: compute dtype, or None for that of the inputs and parameters
+      (float64 under ``jax_enable_x64``); parameters stay float32, logits
+      are at least float32.
   """
 
   num_classes: int
@@ -46,7 +48,7 @@ class DigitsCNN(nn.Module):
         ``mutable=["batch_stats"]``).
 
     Returns:
-      Float32 logits ``[B, num_classes]``.
+      Logits ``[B, num_classes]``: float32, or float64 in a float64 model.
     """
     w = self.width
     norm = batch_norm(train, self.dtype)

@@ -40,8 +40,9 @@ def batch_norm(train: bool, dtype: Dtype = jnp.float32) -> ModuleDef:
     train: whether the model is training. Training normalises with the batch
       statistics and updates the running averages in ``batch_stats``;
       evaluation uses the running averages and is deterministic.
-    dtype: compute dtype. Statistics are still reduced in float32
-      (``force_float32_reductions``), and parameters stay float32.
+    dtype: compute dtype, or None for that of the inputs and parameters.
+      Statistics are still reduced in at least
+      float32 (``force_float32_reductions``), and parameters stay float32.
 
   Returns:
     A ``functools.partial`` of ``nn.BatchNorm``; call it like the class.
@@ -62,7 +63,8 @@ def conv_no_bias(dtype: Dtype = jnp.float32) -> ModuleDef:
   would be a redundant parameter that BN folding would have to carry.
 
   Args:
-    dtype: compute dtype; parameters stay float32 (``param_dtype`` default).
+    dtype: compute dtype, or None for that of the inputs and parameters;
+      parameters stay float32 (``param_dtype`` default).
 
   Returns:
     A ``functools.partial`` of ``nn.Conv``.
@@ -71,15 +73,20 @@ def conv_no_bias(dtype: Dtype = jnp.float32) -> ModuleDef:
 
 
 def logits_float32(x: jax.Array) -> jax.Array:
-  """Casts logits to float32 so losses are computed in full precision.
+  """Casts logits to at least float32 so losses are computed in full precision.
+
+  bfloat16/float16 logits become float32; float32 ones are returned as they
+  are and float64 ones (``jax_enable_x64``, a model run in float64 to check
+  higher-order derivatives) stay float64.
 
   Args:
     x: logits in the compute dtype.
 
   Returns:
-    The logits as float32.
+    The logits in ``promote_types(x.dtype, float32)``.
   """
-  return jnp.asarray(x, jnp.float32)
+  x = jnp.asarray(x)
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 def conv_bn_relu_stack(
@@ -141,10 +148,10 @@ def mlp_classifier(
     dropout_rate: dropout before every Dense; 0 adds no Dropout module, so
       training needs no ``dropout`` rng.
     train: whether dropout is active.
-    dtype: compute dtype of the Dense layers.
+    dtype: compute dtype of the Dense layers (None: the inputs').
 
   Returns:
-    Float32 logits ``[B, num_classes]``.
+    Logits ``[B, num_classes]`` in at least float32 (:func:`logits_float32`).
   """
   x = x.reshape((x.shape[0], -1))
 

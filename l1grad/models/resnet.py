@@ -100,8 +100,10 @@ class ResNet(nn.Module):
     stem: ``"imagenet"`` (7×7/2 conv, BN, ReLU, 3×3/2 max-pool) or
       ``"cifar"`` (3×3/1 conv, BN, ReLU, no pooling).
     zero_init_residual: see :class:`ResNetBlock`.
-    dtype: compute dtype (e.g. ``jnp.bfloat16``); parameters stay float32 and
-      logits are returned as float32.
+    dtype: compute dtype (e.g. ``jnp.bfloat16``), or None for that of the
+      inputs and parameters (float64 under ``jax_enable_x64`` with float64
+      inputs and parameters, for higher-order checks); parameters stay
+      float32, logits are at least float32.
   """
 
   num_classes: int
@@ -121,7 +123,7 @@ class ResNet(nn.Module):
         ``mutable=["batch_stats"]``); False uses the running averages.
 
     Returns:
-      Float32 logits ``[B, num_classes]``.
+      Logits ``[B, num_classes]``: float32, or float64 in a float64 model.
     """
     conv = conv_no_bias(self.dtype)
     norm = batch_norm(train, self.dtype)

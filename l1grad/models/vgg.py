@@ -46,7 +46,9 @@ class VGGLike(nn.Module):
       use small values).
     fc_batch_norm: BN after the 1024FC (then without bias).
     dropout_rate: dropout before each Dense layer; 0 (the default) adds none.
-    dtype: compute dtype; parameters stay float32, logits are float32.
+    dtype: compute dtype, or None for that of the inputs and parameters
+      (float64 under ``jax_enable_x64``); parameters stay float32, logits
+      are at least float32.
   """
 
   num_classes: int
@@ -65,7 +67,7 @@ class VGGLike(nn.Module):
         ``mutable=["batch_stats"]``), and apply dropout if any.
 
     Returns:
-      Float32 logits ``[B, num_classes]``.
+      Logits ``[B, num_classes]``: float32, or float64 in a float64 model.
     """
     norm = batch_norm(train, self.dtype)
     layers = [
