@@ -262,11 +262,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       )
 
   medians = {k: statistics.median(r[k] for r in rows if k in r) for k in KEYS}
+  quartiles = {
+    k: statistics.quantiles([r[k] for r in rows if k in r], n=4) for k in KEYS
+  }
   result = {
     "started": started,
     "command": "python benchmarks/sign_flips.py "
     + " ".join(sys.argv[1:] if argv is None else argv),
-    "base": base,
+    # The folder only when given: a temporary one means nothing later.
+    "base": args.base or "trained by this run",
     "base_epochs": args.base_epochs,
     "base_test_accuracy": base_accuracy,
     "width": args.width,
@@ -276,6 +280,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     "loadavg_before": list(load_before),
     "loadavg_after": list(os.getloadavg()),
     "medians": medians,
+    "quartiles": quartiles,
     "rows": rows,
   }
   table = markdown(result)
@@ -291,6 +296,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def markdown(result: dict[str, Any]) -> str:
   m = result["medians"]
+  q = result["quartiles"]["w_hvp_cosine"]
   pct = lambda x: f"{100 * x:.2f} %"
   acc = result["base_test_accuracy"]
   lines = [
@@ -311,8 +317,9 @@ def markdown(result: dict[str, Any]) -> str:
     f"| activations, consecutive steps (other examples) |"
     f" {pct(m['a_other_batch'])} | {pct(m['a_other_batch_mass'])} |",
     "",
-    "Weight term's penalty gradient, stale sign against exact, cosine"
-    f" (median): {m['w_hvp_cosine']:.4f}.",
+    "Weight term's penalty gradient, stale sign against exact, cosine:"
+    f" median {m['w_hvp_cosine']:.2f}, quartiles"
+    f" {q[0]:.2f} to {q[2]:.2f}, over the steps.",
     "",
   ]
   return "\n".join(lines)
