@@ -366,17 +366,16 @@ def _steps(config: ml_collections.ConfigDict) -> int:
 
 def _last_metrics(workdir: str) -> dict[str, float]:
   """Mean of the last logged training metrics (the final quarter, ≥ 1 row)."""
-  rows = []
-  try:
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-      rows = [json.loads(line) for line in f if line.strip()]
-  except FileNotFoundError:
+  from l1grad import runs  # pylint: disable=g-import-not-at-top
+
+  log = runs.training_log(workdir)
+  if log is None:
     return {}
-  rows = [r for r in rows if "cross_entropy" in r]
+  rows = [i for i, ce in enumerate(log["cross_entropy"]) if ce is not None]
   tail = rows[-max(1, len(rows) // 4) :]
   out = {}
   for key in ("cross_entropy", "penalty", "weight_grad_l1", "act_grad_l1"):
-    values = [r[key] for r in tail if isinstance(r.get(key), (int, float))]
+    values = [log[key][i] for i in tail if log[key][i] is not None]
     if values:
       out[key] = float(np.mean(values))
   return out
@@ -494,13 +493,10 @@ def _train(job: Job, workdir: str, progress: _Progress, say) -> dict[str, Any]:
   return record
 
 
-def _float_accuracy(
-  run_dir: str, split: str, settings: Any, record: dict[str, Any]
-) -> dict[str, float]:
-  """Float accuracy (and KL 0) of a run on ``split``; cached in its record."""
-  key = f"{split}_float"
-  if key in record:
-    return record[key]
+def _sweep(
+  run_dir: str, settings: Any, split: str, max_examples: int | None = None
+) -> Any:
+  """``ptq.evaluate_prepared`` of a run on ``split`` at ``settings.bits``."""
   from l1grad import data  # pylint: disable=g-import-not-at-top
   from l1grad import ptq  # pylint: disable=g-import-not-at-top
   from l1grad import runs  # pylint: disable=g-import-not-at-top
@@ -512,11 +508,20 @@ def _float_accuracy(
     split,
     global_batch_size=runs.eval_batch_size(config, settings),
     data_dir=runs.data_dir(config),
+    max_examples=max_examples,
     minival_examples=config.get("minival_examples", 0),
   )
-  result = ptq.evaluate_prepared(
-    prepared, dataclasses.replace(settings, bits=()), batches
-  )
+  return ptq.evaluate_prepared(prepared, settings, batches)
+
+
+def _float_accuracy(
+  run_dir: str, split: str, settings: Any, record: dict[str, Any]
+) -> dict[str, float]:
+  """Float accuracy of a run on ``split``; cached in its record."""
+  key = f"{split}_float"
+  if key in record:
+    return record[key]
+  result = _sweep(run_dir, dataclasses.replace(settings, bits=()), split)
   value = {
     "accuracy": result.info["float_accuracy"],
     "num_examples": result.info["num_examples"],
@@ -533,21 +538,8 @@ def _ptq(
   """The PTQ sweep of a fine-tuned run on the test split; cached."""
   if "ptq" in record:
     return record["ptq"]
-  from l1grad import data  # pylint: disable=g-import-not-at-top
-  from l1grad import ptq  # pylint: disable=g-import-not-at-top
-  from l1grad import runs  # pylint: disable=g-import-not-at-top
-
   t0 = time.monotonic()
-  prepared = runs.prepare_run(run_dir, settings)
-  config = prepared.config
-  batches = data.eval_batches(
-    config.dataset,
-    "test",
-    global_batch_size=runs.eval_batch_size(config, settings),
-    data_dir=runs.data_dir(config),
-    max_examples=max_examples,
-  )
-  result = ptq.evaluate_prepared(prepared, settings, batches)
+  result = _sweep(run_dir, settings, "test", max_examples)
   value = {
     "results": result.results,
     "float_accuracy": result.info["float_accuracy"],
