@@ -16,6 +16,7 @@ Variants:
   l1_hvp_jvp      ℓ1, exact, gradient then jax.jvp(grad) (the earlier code)
   l1_reverse      ℓ1, exact, reverse-over-reverse
   l1_fd           ℓ1, finite-difference HVP
+  l1_cd           ℓ1, central-difference HVP (three gradients)
   l2_hvp          ℓ2 penalty, exact (linearize)
   dq              Defensive Quantization's orthogonality term
   ste             STE quantization-aware step at ``--ste-bits`` (W:A)
@@ -30,8 +31,9 @@ Variants:
   l1_jvp_known_tangent  prototype: one ``jax.jvp`` of the gradient along the
                   previous step's sign (carried in the state): no stored
                   linearization, an approximation (``make_jvp_step``)
-  l1_hvp_two_pass prototype, exact: a gradient pass for this step's sign,
-                  then that jvp pass (``make_jvp_step``)
+  l1_hvp_two_pass the trainer's ``reg.hvp_impl="two_pass"``, exact: a
+                  gradient pass for this step's sign, then a jvp pass that
+                  starts after it (no stored linearization)
   torch_plain     the PyTorch peer's plain step (``--peer``; VGG/ResNet only)
   torch_l1        the PyTorch peer's double-backward ℓ1 step (``--peer``)
 
@@ -65,7 +67,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import functools
 import json
 import os
 import platform
@@ -85,6 +86,7 @@ JAX_VARIANTS = (
   "l1_hvp_jvp",
   "l1_reverse",
   "l1_fd",
+  "l1_cd",
   "l2_hvp",
   "dq",
   "ste",
@@ -105,11 +107,8 @@ REMAT_VARIANTS = {
   "l1_remat_dots": "dots_saveable",
   "l1_remat_convs": "convs_saveable",
 }
-# The ℓ1 step by jax.jvp of the gradient, by where its tangent comes from.
-JVP_VARIANTS = {
-  "l1_jvp_known_tangent": "previous",
-  "l1_hvp_two_pass": "current",
-}
+# The ℓ1 step by jax.jvp of the gradient along the previous step's sign.
+JVP_VARIANTS = {"l1_jvp_known_tangent": "previous"}
 PEER_VARIANTS = ("torch_plain", "torch_l1")
 DEFAULT_VARIANTS = JAX_VARIANTS
 
@@ -271,14 +270,14 @@ def model_setup(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def variant_config(base, variant: str, ste_bits: str):
-  """(config, regularized, hvp_impl) of one JAX variant."""
+  """(config, regularized) of one JAX variant."""
   config = base.copy_and_resolve_references()
   config.track_act_grad = False
   config.reg.kind = "none"
   config.reg.weight_coef = 0.0
   config.reg.act_coef = -1.0
   config.qat.bits = ""
-  regularized, hvp_impl = False, "linearize"
+  regularized = False
   if variant == "plain":
     pass
   elif variant == "plain_tracked":
@@ -297,12 +296,14 @@ def variant_config(base, variant: str, ste_bits: str):
     kind, method = variant.split("_", 1)
     config.reg.kind = kind
     config.reg.weight_coef = 0.05
-    if method == "hvp_jvp":
-      method, hvp_impl = "hvp", "jvp"
+    for impl in ("jvp", "two_pass"):
+      if method == f"hvp_{impl}":
+        method, config.reg.hvp_impl = "hvp", impl
     config.reg.method = {
       "hvp": "hvp",
       "reverse": "reverse",
       "fd": "finite_difference",
+      "cd": "central_difference",
     }[method]
     regularized = True
   elif variant == "dq":
@@ -313,41 +314,11 @@ def variant_config(base, variant: str, ste_bits: str):
     config.qat.bits = ste_bits
   else:
     raise ValueError(f"unknown variant {variant!r}")
-  return config, regularized, hvp_impl
+  return config, regularized
 
 
 # --------------------------------------------------------------------------
 # Building and measuring one compiled step.
-
-
-def make_train_step(
-  model, config, tx, lr, *, regularized: bool, hvp_impl: str = "linearize"
-):
-  """The trainer's step, its "hvp" penalty computed by ``hvp_impl``.
-
-  The trainer always uses ``penalty.value_and_grad``'s default
-  (``"linearize"``); for ``l1_hvp_jvp`` the step is built with
-  ``hvp_impl="jvp"`` passed to it instead.
-  """
-  from l1grad import penalty  # pylint: disable=g-import-not-at-top
-  from l1grad import train  # pylint: disable=g-import-not-at-top
-
-  if hvp_impl == "linearize":
-    return train.make_train_step(model, config, tx, lr, regularized=regularized)
-  with _value_and_grad_defaults(penalty, hvp_impl=hvp_impl):
-    return train.make_train_step(model, config, tx, lr, regularized=regularized)
-
-
-@contextlib.contextmanager
-def _value_and_grad_defaults(penalty, **defaults):
-  # make_train_step calls penalty.value_and_grad once, when the step is
-  # built; within the context that call gets the extra keyword arguments.
-  original = penalty.value_and_grad
-  penalty.value_and_grad = functools.partial(original, **defaults)
-  try:
-    yield
-  finally:
-    penalty.value_and_grad = original
 
 
 def _reshape_max_pool(original):
@@ -432,9 +403,7 @@ def build_jax_variant(
       compiler_options.update(option_sets[mod])
     elif mod != "rpool":
       raise ValueError(f"unknown modifier {mod!r} in {variant!r}")
-  config, regularized, hvp_impl = variant_config(
-    setup["config"], base, args.ste_bits
-  )
+  config, regularized = variant_config(setup["config"], base, args.ste_bits)
   config.batch_size = setup["batch"]
   model = models.from_config(config, setup["num_classes"])
   lr = optax.constant_schedule(0.01)
@@ -487,9 +456,7 @@ def build_jax_variant(
         model, config, tx, lr, regularized=regularized
       )
   else:
-    step = make_train_step(
-      model, config, tx, lr, regularized=regularized, hvp_impl=hvp_impl
-    )
+    step = train.make_train_step(model, config, tx, lr, regularized=regularized)
   compiled, compile_s = compile_step(step, state)
   holder = {"state": state}
 
@@ -627,27 +594,22 @@ def _remat_loss(train, policy_name: str):
     train.make_loss_fn = original
 
 
-def make_jvp_step(model, config, tx, lr, *, tangent: str):
-  """Prototypes: the ℓ1 step by ``jax.jvp`` of the gradient function.
+def make_jvp_step(model, config, tx, lr, *, tangent: str = "previous"):
+  """Prototype: the ℓ1 step by ``jax.jvp`` along a tangent known before it.
 
   The trainer's exact step (``jax.linearize``) stores the whole
   linearization, primal activations and every primal backward cotangent,
   because its tangent t = λ·sign(∇L) is known only after the gradient. A
   forward-over-reverse ``jax.jvp`` along a tangent known before it starts
   computes ∇L and H·t in one pass, each cotangent beside its tangent, and
-  stores nothing of the backward pass. Two ways to know t first:
-
-  * ``tangent="previous"`` (``l1_jvp_known_tangent``): the sign of the
-    previous step's gradient, carried in the state: one pass, an
-    approximation where signs flip between steps; and the activation signs
-    belong to the previous batch's examples, so on real data only the
-    weight term's tangent carries over (the benchmark's fixed batch hides
-    that; ``benchmarks/sign_flips.py`` measures both).
-  * ``tangent="current"`` (``l1_hvp_two_pass``): exact; a plain gradient
-    pass gives this step's sign, then the jvp pass recomputes the gradient
-    with H·t. An ``optimization_barrier`` between them keeps XLA from
-    merging the second pass's primal with the first (which would keep the
-    first pass's cotangents alive: the linearize memory again).
+  stores nothing of the backward pass. Here t is the sign of the previous
+  step's gradient (``l1_jvp_known_tangent``), carried in the state: one
+  pass, an approximation where signs flip between steps; and the activation
+  signs belong to the previous batch's examples, so on real data only the
+  weight term's tangent carries over (the benchmark's fixed batch hides
+  that; ``benchmarks/sign_flips.py`` measures both). The exact way to know
+  t first, a gradient pass before the jvp pass, is the trainer's
+  ``reg.hvp_impl="two_pass"`` (``l1_hvp_two_pass``).
 
   Built from public pieces (``train.make_loss_fn``, ``l1grad.perturb``,
   ``l1grad.params``) the way ``penalty.value_and_grad`` is.
@@ -655,10 +617,11 @@ def make_jvp_step(model, config, tx, lr, *, tangent: str):
   Returns:
     ``(train_step, init_signs)``: ``train_step(state, batch, rng)`` on
     ``state = {"train": TrainState, "sign_w": [int8], "sign_a": {int8}}``
-    (the sign lists empty for ``"current"``), and ``init_signs(train_state,
-    batch, rng)``, that state with the signs of the gradient at
-    ``train_state`` (for ``"current"``: empty).
+    and ``init_signs(train_state, batch, rng)``, that state with the signs
+    of the gradient at ``train_state``.
   """
+  if tangent != "previous":
+    raise ValueError(f"tangent must be 'previous', got {tangent!r}.")
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
@@ -710,8 +673,6 @@ def make_jvp_step(model, config, tx, lr, *, tangent: str):
 
   @jax.jit
   def init_signs(ts, batch, rng):
-    if tangent == "current":
-      return {"train": ts, "sign_w": [], "sign_a": {}}
     grads_at, kernels, eps = setup(ts, batch, rng)
     (g_p, g_e), _ = grads_at(kernels, eps)
     sign_w, sign_a = signs(g_p, g_e)
@@ -721,18 +682,6 @@ def make_jvp_step(model, config, tx, lr, *, tangent: str):
     ts = state["train"]
     grads_at, kernels, eps = setup(ts, batch, rng)
     sign_w, sign_a = state["sign_w"], state["sign_a"]
-    if tangent == "current":
-      (g_p, g_e), _ = grads_at(kernels, eps)
-      sign_w, sign_a = signs(g_p, g_e)
-      # The second pass must start after the first has ended, or XLA runs
-      # its forward early and both passes' activations live at once (an
-      # optimization_barrier does not order them on XLA:CPU: it is expanded
-      # away). Each kernel is made to depend on its own gradient's sign by a
-      # select that never fires (a sign is never 2), which XLA cannot drop;
-      # layer 0's gradient comes last in the backward pass.
-      kernels = [
-        jnp.where(s == 2, jnp.zeros_like(k), k) for k, s in zip(kernels, sign_w)
-      ]
     t_w = [w_coef * s.astype(k.dtype) for s, k in zip(sign_w, kernels)]
     t_a = {k: a_coef * sign_a[k].astype(v.dtype) for k, v in eps.items()}
     # One pass: the primal gradient and H·t, no stored linearization.
@@ -752,7 +701,7 @@ def make_jvp_step(model, config, tx, lr, *, tangent: str):
       batch_stats=aux["batch_stats"],
       opt_state=opt_state,
     )
-    sign_w, sign_a = ([], {}) if tangent == "current" else signs(g_p, g_e)
+    sign_w, sign_a = signs(g_p, g_e)
     metrics = {
       "total_loss": loss + pen,
       "cross_entropy": aux["cross_entropy"],

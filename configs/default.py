@@ -57,8 +57,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.reg.act_coef = (
     -1.0
   )  # λ_a; -1: same as weight_coef (the paper's one λ).
-  config.reg.method = "hvp"  # "hvp", "reverse" or "finite_difference".
-  config.reg.fd_step = 1e-3  # probe distance of "finite_difference".
+  # "hvp" (exact), "reverse" (exact, slow), "finite_difference" or
+  # "central_difference" (approximations, l1grad/penalty.py).
+  config.reg.method = "hvp"
+  config.reg.fd_step = 1e-3  # relative probe distance of the differences.
+  # How "hvp" runs: "linearize" (fastest; 2–2.6× a plain step's memory),
+  # "two_pass" (the same step up to rounding, ≤ 2× the memory, slower).
+  config.reg.hvp_impl = "linearize"
   # Where the activation term reads A: "layer_inputs" (the Conv/Dense inputs,
   # where those layers read them) or "tensors" (each such tensor perturbed
   # once for every reader, a ResNet identity shortcut's add included).
@@ -81,10 +86,11 @@ def get_config() -> ml_collections.ConfigDict:
   # with its coefficients multiplied by k there, the plain step in between:
   # the same penalty per step on average, at about 1 + (r − 1)/k times a plain
   # step's cost for a penalty costing r×. weight_coef and act_coef stay the
-  # per-step λ (tune λ as for k = 1; the trainer does the × k). Logs: the
-  # row's `regularized` is 1 on penalty steps, whose `penalty` is k× the
-  # per-step value (0 on the others; the gradient norms are logged on every
-  # step). Applies to l1, l2 and dq; 1: every step.
+  # per-step λ (tune λ as for k = 1; the trainer does the × k). Logs: every
+  # row's `penalty` (and its terms) is the most recent penalty step's value
+  # divided by k, i.e. on a k = 1 run's scale; `regularized` says whether the
+  # row's own step ran it; the gradient norms are logged on every step.
+  # Applies to l1, l2 and dq; 1: every step.
   config.reg.every_steps = 1
 
   # Fine-tuning: workdir of another run; its latest params and batch stats

@@ -34,7 +34,7 @@ from l1grad import models
 from l1grad import penalty
 from l1grad import quant
 
-NAMES = ("hutchinson", "curvature", "induced", "antithetic")
+KINDS = ("plain", "l1", "l1+hutchinson", "l1+antithetic")
 
 
 def main(argv=()):
@@ -51,79 +51,64 @@ def main(argv=()):
     out, new = model.apply(v, batch["image"], train=True, mutable=True)
     return expansion.cross_entropy(out, batch["label"]), new["batch_stats"]
 
-  @jax.jit
   def widths(params, stats, bits):  # Δ of each kernel element and point
     v = {"params": params, "batch_stats": stats}
     bw = quant.bin_widths(model, v, batch["image"], bits, bits)
-    step = {"weights": bw.unfolded_weights(), "acts": bw.activations}
-    return jax.lax.stop_gradient(step)
+    return jax.lax.stop_gradient(bw.point_widths())
 
-  def make_step(kind):  # "plain", "l1", "l1+hutchinson" or "l1+antithetic"
-    lam, term = 0.0 if kind == "plain" else 0.01, kind.partition("+")[2]
-    kw = dict(weight_coef=lam, act_coef=lam, track_activations=bool(lam))
+  def make_step(kind):
+    lam = 0.0 if kind == "plain" else 0.01
 
     @jax.jit
     def train_step(params, mom, stats, batch, key):
       step = widths(params, stats, 4)
 
-      def extra(lin):  # given the penalty's pass: z, ∇L, the Hessian map
-        if term == "hutchinson":  # one more HVP through the penalty's map
-          z, hvp_fn = expansion.linearization_point(lin)
-          return expansion.hutchinson_from_hvp(hvp_fn, z, step, key)
+      def extra(lin):  # sees the penalty's own pass: z, ∇L, the Hessian map
+        if kind == "l1+hutchinson":  # one more HVP through the penalty's map
+          return expansion.hutchinson_term(lin, step, key)
         z, fn = expansion.point_loss(loss_fn, lin.params, stats, batch)
-        delta = expansion.uniform_noise(key, z, step)  # antithetic: 2 passes
-        return expansion.antithetic_gap(
-          lambda z: fn(z)[0], z, delta, loss=lin.loss
-        )
+        delta = expansion.uniform_noise(key, z, step)  # two more passes
+        f = lambda z: fn(z)[0]
+        return expansion.antithetic_gap(f, z, delta, loss=lin.loss)
 
-      vg = penalty.value_and_grad(
-        loss_fn, has_aux=True, extra=extra if term else None, **kw
-      )
-      (_, info), g = vg(params, stats, batch)
+      term = extra if "+" in kind else None
+      kw = dict(weight_coef=lam, act_coef=lam, extra=term, has_aux=True)
+      (_, info), g = penalty.value_and_grad(loss_fn, **kw)(params, stats, batch)
       updates, mom = opt.update(g, mom, params)
       return optax.apply_updates(params, updates), mom, info["aux"], info
 
     return train_step
 
-  plain = make_step("plain")
+  fns = {kind: make_step(kind) for kind in KINDS}
   for _ in range(steps):  # a short plain training: the expansion point
-    params, mom, stats, _ = plain(params, mom, stats, next(batches), key)
+    params, mom, stats, _ = fns["plain"](params, mom, stats, next(batches), key)
   args = (params, mom, stats, batch, key)
-
-  def run(f):  # seconds of one call
-    return timeit.timeit(lambda: jax.block_until_ready(f(*args)), number=1)
-
-  kinds = ("plain", "l1", "l1+hutchinson", "l1+antithetic")
-  fns = {kind: make_step(kind) for kind in kinds}
-  first = {kind: run(f) for kind, f in fns.items()}  # the first call compiles
-  times = {kind: [] for kind in kinds}
+  run = lambda f: timeit.timeit(
+    lambda: jax.block_until_ready(f(*args)), number=1
+  )
+  times = {kind: [run(f)] for kind, f in fns.items()}  # the first compiles
   for _ in range(timed):  # interleaved: a burst of load hits every kind
     for kind, f in fns.items():
       times[kind].append(run(f))
-  times = {kind: np.median(t) for kind, t in times.items()}
+  ms = {kind: 1e3 * np.median(t[1:]) for kind, t in times.items()}
   for kind, t in times.items():
-    print(f"{kind}: {1e3 * t:.1f} ms/step, {t / times['plain']:.1f}x plain;")
-    print(f"  first call (compiles) {first[kind]:.0f} s")
+    print(f"{kind}: {ms[kind]:.1f} ms, {ms[kind] / ms['plain']:.1f}x plain;")
+    print(f"  first call (compiles) {t[0]:.0f} s")
 
-  @jax.jit
-  def draw(params, stats, step, key):  # one draw of each, on one batch
-    z, fn = expansion.point_loss(loss_fn, params, stats, batch)
-    d = expansion.second_order_draw(lambda z: fn(z)[0], z, step, key)
-    return jax.numpy.stack([d[n] for n in NAMES])
-
-  print("bits", *NAMES, "(mean ± standard error)")
+  z, fn = expansion.point_loss(loss_fn, params, stats, batch)
   results, ok = {}, True
-  for bits in (8, 4, 3):
-    step = widths(params, stats, bits)
-    keys = jax.random.split(jax.random.fold_in(key, bits), draws)
-    x = np.array([draw(params, stats, step, k) for k in keys])
-    mean, err = x.mean(0), x.std(0, ddof=1) / np.sqrt(draws)
-    results[bits] = dict(zip(NAMES, zip(mean, err)))
-    ok &= abs(mean[0] - mean[1]) < 4 * np.hypot(err[0], err[1])
-    ok &= abs(mean[2] - mean[3]) < 4 * np.hypot(err[2], err[3])
-    print(bits, *(f"{m:.3e}±{e:.0e}" for m, e in zip(mean, err)))
+  for bits in (8, 4, 3):  # brute force: real uniform noise on one batch
+    step, k = widths(params, stats, bits), jax.random.fold_in(key, bits)
+    est = expansion.second_order_estimates(
+      lambda z: fn(z)[0], z, step, k, num_draws=draws
+    )
+    for a, b in (("hutchinson", "curvature"), ("induced", "antithetic")):
+      (ma, ea), (mb, eb) = est[a], est[b]
+      ok &= abs(ma - mb) < 4 * np.hypot(ea, eb)  # the same expectation
+    results[bits] = est
+    print(bits, *(f"{n} {m:.3e}±{e:.0e}" for n, (m, e) in est.items()))
   print("verification (4 s.e.):", "PASS" if ok else "FAIL")
-  return {"times": times, "estimates": results, "ok": bool(ok)}
+  return {"times": ms, "estimates": results, "ok": bool(ok)}
 
 
 if __name__ == "__main__":

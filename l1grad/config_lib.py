@@ -52,6 +52,7 @@ _RUN_NEUTRAL = (
 _LEGACY_FIELDS = {
   "qat.scheme": "unfolded",
   "reg.every_steps": 1,
+  "reg.hvp_impl": "linearize",
   "reg.weighting": "none",
   "reg.target_bits": "",
   "minival_examples": 0,
@@ -184,6 +185,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   reg = config.reg
   _check_choice("reg.kind", reg.kind, REG_KINDS, "regularization")
   _check_choice("reg.method", reg.method, REG_METHODS, "method")
+  _check_choice(
+    "reg.hvp_impl",
+    reg.get("hvp_impl", "linearize"),
+    penalty.HVP_IMPLS,
+    "Hessian-vector product implementation",
+  )
   _check_choice(
     "reg.points",
     reg.get("points", "layer_inputs"),

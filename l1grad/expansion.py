@@ -60,6 +60,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
+import numpy as np
 import optax
 
 from l1grad import fold
@@ -83,6 +84,7 @@ __all__ = [
   "gradient_norms",
   "hutchinson_curvature",
   "hutchinson_from_hvp",
+  "hutchinson_term",
   "hvp",
   "inner",
   "kl_divergence",
@@ -92,6 +94,7 @@ __all__ = [
   "point_loss",
   "quantization_noise",
   "second_order_draw",
+  "second_order_estimates",
   "split_weights",
   "uniform_noise",
   "weight_noise",
@@ -599,6 +602,44 @@ def hutchinson_from_hvp(
   return total / num_samples
 
 
+def hutchinson_term(
+  lin: penalty.Linearization,
+  step: PyTree,
+  key: jax.Array,
+  *,
+  num_samples: int = 1,
+) -> jax.Array:
+  """:func:`hutchinson_from_hvp` on the penalty's linearization, to train on.
+
+  The same estimate of Σᵢ (Δᵢ²/24)·Hᵢᵢ as ``hutchinson_from_hvp(hvp_fn, z,
+  step, key)`` with ``z, hvp_fn = linearization_point(lin)``, and the same
+  gradient, but through :meth:`l1grad.penalty.Linearization.quadratic_form`:
+  the third-order gradient by forward mode, about half the cost of reverse
+  mode through the Hessian map. For ``penalty.value_and_grad(...,
+  extra=...)``.
+
+  Args:
+    lin: What ``extra`` receives.
+    step: Bin widths Δ structured like :func:`linearization_point`'s ``z``
+      (held fixed: wrap them in ``jax.lax.stop_gradient``).
+    key: PRNG key of the probes.
+    num_samples: Probes averaged.
+
+  Returns:
+    The estimate, a scalar.
+  """
+  if num_samples < 1:
+    raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
+  z, _ = linearization_point(lin)
+  keys = [key] if num_samples == 1 else jax.random.split(key, num_samples)
+  total = None
+  for k in keys:
+    v = _rademacher_probe(k, z, step)
+    value = lin.quadratic_form(v["weights"], v["acts"])
+    total = value if total is None else total + value
+  return total / num_samples
+
+
 def hutchinson_curvature(
   loss_fn: Callable[..., jax.Array],
   z: PyTree,
@@ -742,6 +783,45 @@ def second_order_draw(
     "induced": plus - loss,
     "antithetic": antithetic_gap(loss_fn, z, delta, *args, loss=loss),
   }
+
+
+def second_order_estimates(
+  loss_fn: Callable[..., jax.Array],
+  z: PyTree,
+  step: PyTree,
+  key: jax.Array,
+  *args: Any,
+  num_draws: int = 100,
+) -> dict[str, tuple[float, float]]:
+  """:func:`second_order_draw` averaged: ``{name: (mean, standard error)}``.
+
+  ``num_draws`` draws, each from its own key split from ``key``, by a Python
+  loop over one jitted draw (on CPU 15–25× faster than the same HVPs
+  inside ``lax.map`` or ``vmap``). Pairs that estimate the same expectation
+  (``hutchinson``/``curvature``, ``induced``/``antithetic``) should agree
+  within a few standard errors.
+
+  Args:
+    loss_fn: ``(z, *args) -> scalar``.
+    z: The point.
+    step: Bin widths Δ structured like ``z``.
+    key: PRNG key.
+    *args: Further arguments of ``loss_fn``.
+    num_draws: How many draws (≥ 2).
+
+  Returns:
+    For each quantity of :func:`second_order_draw`, its mean over the draws
+    and the standard error of that mean.
+  """
+  if num_draws < 2:
+    raise ValueError(f"num_draws must be >= 2, got {num_draws}.")
+  draw = jax.jit(lambda k: second_order_draw(loss_fn, z, step, k, *args))
+  draws = [jax.device_get(draw(k)) for k in jax.random.split(key, num_draws)]
+  out = {}
+  for name in draws[0]:
+    x = np.array([d[name] for d in draws], np.float64)
+    out[name] = (float(x.mean()), float(x.std(ddof=1) / np.sqrt(num_draws)))
+  return out
 
 
 # ---------------------------------------------------------------------------

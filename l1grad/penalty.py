@@ -44,6 +44,10 @@ compute it:
   An approximation (to first order an ℓ∞ sharpness-aware step). Step rule:
   r = ``fd_step`` · (1 + ‖W‖₂) / ‖t‖₂, i.e. the probe point moves by a
   fraction ``fd_step`` of the kernels' norm, whatever λ is.
+* ``"central_difference"``: H·t ≈ (∇L(z + r·t) − ∇L(z − r·t)) / 2r, three
+  gradients (the unperturbed one is still the loss's own): its error is
+  O(r²) where the gradient is smooth instead of O(r), but it crosses the
+  same ReLU kinks, on both sides.
 
 For research (docs/method.md §1.1):
 
@@ -77,6 +81,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 import contextlib
 import dataclasses
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -89,6 +94,7 @@ from l1grad import perturb
 __all__ = [
   "ACT_NORMS",
   "HVP_IMPLS",
+  "FD_METHODS",
   "METHODS",
   "Linearization",
   "PenaltyGradientCosine",
@@ -98,11 +104,13 @@ __all__ = [
   "value_and_grad",
 ]
 
-METHODS = ("hvp", "reverse", "finite_difference")
+METHODS = ("hvp", "reverse", "finite_difference", "central_difference")
+# The methods that approximate H·t by probing the gradient at z ± r·t.
+FD_METHODS = ("finite_difference", "central_difference")
 # How the activation term is normalized (see the module docstring).
 ACT_NORMS = ("none", "batch_mean")
 # How method "hvp" is computed (see the module docstring).
-HVP_IMPLS = ("linearize", "jvp")
+HVP_IMPLS = ("linearize", "jvp", "two_pass")
 
 PyTree = Any
 # A coefficient: one scalar for every tensor of the group, or a table of them.
@@ -417,6 +425,11 @@ class Linearization:
   _linear: Callable[..., Any] | None = dataclasses.field(repr=False)
   _wrt_w: tuple[str, ...] = ()
   _wrt_a: tuple[str, ...] = ()
+  # (params, perturbations) -> (loss, aux): the loss the expansion is of.
+  _loss_at: Callable[..., Any] | None = dataclasses.field(
+    default=None, repr=False
+  )
+  _eps: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
 
   def hvp_params(
     self,
@@ -468,6 +481,83 @@ class Linearization:
     h_params, h_a = self.hvp_params(t_w, t_a)
     h_w, _ = params_lib.split_kernels(h_params)
     return h_w, h_a
+
+  def quadratic_form(
+    self,
+    t_w: Mapping[str, Any] | None = None,
+    t_a: Mapping[str, Any] | None = None,
+  ) -> jax.Array:
+    """½·tᵀHt, t = (t_w, t_a): the second-order term of L along t.
+
+    The value is one forward-mode pass through the Hessian map (as
+    :meth:`hvp`). Its gradient is what differentiating ½·⟨t, :meth:`hvp`⟩
+    gives, exactly, but computed by forward mode only: w.r.t. the params
+    (and the points) ½·∇³L[t, t], the second directional derivative of
+    ∇L along t (a forward-over-forward-over-reverse pass), and w.r.t. t,
+    H·t. Reverse mode through the Hessian map (reverse-over-forward-over-
+    reverse) costs about twice as much on the CPU (a Hutchinson term in
+    training: ``examples/second_order.py``).
+
+    Args:
+      t_w: ``{layer: tangent}``; missing layers are 0.
+      t_a: ``{point: tangent}``; missing points are 0.
+
+    Returns:
+      A scalar.
+    """
+    if self._loss_at is None or set(self._wrt_w) != set(self.kernels):
+      raise ValueError("quadratic_form needs the map over all of z.")
+    kernels = dict(self.kernels)
+    points = {k: self.grad_a[k] for k in self._wrt_a}
+    t_w = _as_tangents(t_w, kernels, "t_w")
+    t_a = _as_tangents(t_a, points, "t_a")
+    h_w, h_a = jax.lax.stop_gradient(self.hvp(t_w, t_a))
+    pairs = zip(jax.tree.leaves((t_w, t_a)), jax.tree.leaves((h_w, h_a)))
+    value = 0.5 * sum(jnp.vdot(t, h) for t, h in pairs)
+    # The value carries no gradient; a zero-valued term carries all of it.
+    surrogate = _third_order_gradient(
+      self._loss_at, self.params, self._eps, t_w, t_a, h_w, h_a
+    )
+    return jax.lax.stop_gradient(value) + surrogate
+
+
+def _embed_kernels(params: PyTree, kernels: Mapping[str, Any]) -> PyTree:
+  """A tree like ``params``: ``kernels`` at the kernel leaves, 0 elsewhere."""
+  _, merge = params_lib.split_kernels(jax.tree.map(jnp.zeros_like, params))
+  return merge(dict(kernels))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _third_order_gradient(loss_at, params, eps, t_w, t_a, h_w, h_a):
+  """0, with the gradient of ½·tᵀH(params, eps)t (see ``quadratic_form``)."""
+  del loss_at, params, eps, h_w, h_a
+  return jnp.zeros((), jnp.result_type(*jax.tree.leaves((t_w, t_a))))
+
+
+def _third_order_fwd(loss_at, params, eps, t_w, t_a, h_w, h_a):
+  value = _third_order_gradient(loss_at, params, eps, t_w, t_a, h_w, h_a)
+  return value, (params, eps, t_w, t_a, h_w, h_a)
+
+
+def _third_order_bwd(loss_at, res, ct):
+  params, eps, t_w, t_a, h_w, h_a = res
+  grad = jax.grad(lambda p, e: loss_at(p, e)[0], argnums=(0, 1))
+  tangent = (_embed_kernels(params, t_w), t_a)
+  along = lambda p, e: jax.jvp(grad, (p, e), tangent)[1]
+  _, (d2_p, d2_e) = jax.jvp(along, (params, eps), tangent)
+  half = lambda x: (0.5 * ct * x).astype(x.dtype)
+  full = lambda x: (ct * x).astype(x.dtype)
+  return (
+    jax.tree.map(half, d2_p),
+    jax.tree.map(half, d2_e),
+    jax.tree.map(full, h_w),
+    jax.tree.map(full, h_a),
+    jax.tree.map(jnp.zeros_like, h_w),
+    jax.tree.map(jnp.zeros_like, h_a),
+  )
+
+
+_third_order_gradient.defvjp(_third_order_fwd, _third_order_bwd)
 
 
 def _grads_at_fn(
@@ -540,6 +630,8 @@ def _linearization(
     _linear=linear_fn,
     _wrt_w=tuple(names) if wrt_w else (),
     _wrt_a=tuple(eps) if wrt_a else (),
+    _loss_at=setup.loss_params_eps,
+    _eps=eps,
   )
 
 
@@ -628,9 +720,10 @@ def value_and_grad(
       rounding.
     act_coef: λ_a, likewise; a table is keyed by activation point (the
       reading layer's module path, :func:`l1grad.perturb.activation_shapes`).
-    method: ``"hvp"``, ``"reverse"`` or ``"finite_difference"``.
+    method: ``"hvp"``, ``"reverse"``, ``"finite_difference"`` or
+      ``"central_difference"``.
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
-    fd_step: relative probe distance of ``"finite_difference"``.
+    fd_step: relative probe distance of the finite differences.
     track_activations: also compute ‖∇_A L‖ for logging when ``act_coef`` is
       0 (adds the perturbation points to the forward pass).
     hvp_impl: how ``"hvp"`` computes the Hessian-vector product:
@@ -638,6 +731,12 @@ def value_and_grad(
       the product) or ``"jvp"`` (the gradient, then ``jax.jvp`` of the
       gradient function, which recomputes it). The same step either way, up
       to float rounding; the second is there to measure the difference.
+      ``"two_pass"``: ``"jvp"`` with the second pass made to start only
+      after the first has ended, so no backward residual of the first is
+      alive during the second: the same step up to rounding at ≤ 2× the
+      plain step's memory on ResNet-18 (1.93×, against 2.61× for
+      ``"linearize"``), for ~1.5× its time (``benchmarks/RESULTS.md``). For
+      when memory, not time, binds.
     points: where A is read (:data:`l1grad.perturb.POINTS`):
       ``"layer_inputs"`` (the Conv/Dense inputs, where those layers read
       them) or ``"tensors"`` (the same tensors, perturbed once for every
@@ -658,11 +757,12 @@ def value_and_grad(
       added to the total, and its gradient w.r.t. ``params`` to the
       gradient: exactly, through everything S reads (a term built on
       ``lin.hvp`` is differentiated to third order). It shares the forward,
-      backward and linearized passes with the penalty: the gradient of
-      penalty and S together is one reverse pass through that computation
-      (reverse-over-reverse for the penalty, as ``method="reverse"``; the
-      value is the same as without ``extra``, the gradient equal up to
-      rounding). ``method`` must then be ``"hvp"`` or ``"reverse"``.
+      backward and linearized passes with the penalty, whose gradient is
+      still the forward-mode product through that map; only S is pulled
+      back, through what it reads (a term on the loss alone costs no
+      reverse pass through the backward pass). The value is the same as
+      without ``extra``, the gradient equal up to rounding. ``method`` must
+      then be ``"hvp"`` or ``"reverse"``.
       Randomness (a Hutchinson probe) comes from a key the caller closes
       over. Do not put such a term in ``loss_fn``: the penalty would then be
       the norm of ∇(L + S).
@@ -684,7 +784,7 @@ def value_and_grad(
     ValueError: an unknown option; a table with ``ord=2`` (the ℓ2 penalty is
       one norm over a whole group, which per-tensor coefficients cannot
       split; rejected rather than redefined); ``extra`` with
-      ``"finite_difference"``; ``return_grads`` without ``has_aux``. When
+      a finite difference; ``return_grads`` without ``has_aux``. When
       called: a table that misses a tensor or names an unknown one (the
       message lists the valid keys), or a term that is not a scalar.
   """
@@ -709,7 +809,7 @@ def value_and_grad(
       " ord=1: the ℓ2 penalty is one norm over the whole group, which a"
       " coefficient per tensor cannot split. Use ord=1, or one scalar."
     )
-  if extra is not None and method == "finite_difference":
+  if extra is not None and method in FD_METHODS:
     raise ValueError(
       'extra needs an exact method ("hvp" or "reverse"): its gradient and'
       " the penalty's are taken together by one reverse pass."
@@ -790,6 +890,8 @@ def value_and_grad(
       grads_at, _, kernels = _grads_at_fn(setup, params)
       lin_k = kernels if use_w else []
       lin_e = eps if use_a else {}
+      if method == "hvp" and hvp_impl == "two_pass":
+        lin_k, lin_e = _after_first_pass(lin_k, lin_e, t_w, t_a)
       hv = _penalty_grad(
         grads_at, kernels, lin_k, lin_e, g_params, t_w, t_a, method, fd_step
       )
@@ -827,13 +929,15 @@ def _with_extra(
   has_aux: bool,
   return_grads: bool,
 ):
-  """``value_and_grad`` with a user term: one pass, one reverse pass.
+  """``value_and_grad`` with a user term: one pass, then S's reverse pass.
 
   The forward computation builds the linearization (forward, backward and
-  the linearized map) at the traced params and evaluates S on it; its
-  outputs are ∇_W L and ∇_A L (for the penalty) and S. The penalty's
-  gradient is (∂∇_z L/∂θ)ᵀ·t with t = λ·sign(∇_z L) (sign has zero
-  derivative), so one VJP with cotangents (t, 1) gives ∇_θ(penalty + S).
+  the linearized map) at the traced params and evaluates S on it. The
+  penalty's gradient is H_θz·t with t = λ·sign(∇_z L), applied through that
+  same linearized map (forward mode, as without ``extra``); only S is
+  pulled back (reverse mode through what S reads: for a term on the
+  Hessian map, third order). Pulling the penalty back too would be
+  reverse-over-reverse, several times the cost of the map.
   """
   names = list(params_lib.split_kernels(params)[0])
   keys = list(setup.eps)
@@ -845,21 +949,26 @@ def _with_extra(
       raise ValueError(
         f"extra must return a scalar; it returned shape {s.shape}."
       )
-    g_k = [lin.grad_w[n] for n in names]
-    g_a = [lin.grad_a[k] for k in keys]
-    outs = (g_k if use_w else [], g_a if use_a else [], s)
-    return outs, (lin.grads, lin.loss, lin.aux, lin.activations, g_k, g_a)
+    g_k = jax.lax.stop_gradient([lin.grad_w[n] for n in names])
+    g_a = jax.lax.stop_gradient([lin.grad_a[k] for k in keys])
+    norms = gradient_norms(g_k, g_a)
+    zero = jnp.zeros((), jnp.float32)
+    w_pen, t_w = zero, [jnp.zeros_like(g) for g in g_k]
+    a_pen, t_a = zero, [jnp.zeros_like(g) for g in g_a]
+    if use_w:
+      w_pen, t_w = _term(g_k, names, norms, "weight", weight_coef, ord)
+    if use_a:
+      a_pen, t_a = _term(g_a, keys, norms, "act", act_coef, ord)
+    hv = jax.tree.map(jnp.zeros_like, lin.grads)
+    if use_w or use_a:
+      hv, _ = lin._linear(t_w, dict(zip(keys, t_a)))  # pylint: disable=protected-access
+    rest = (lin.grads, lin.loss, lin.aux, lin.activations, g_k, g_a)
+    return s, (*rest, hv, w_pen, a_pen, norms)
 
-  (_, _, s), pullback, rest = jax.vjp(build, params, has_aux=True)
-  g_params, loss, aux, activations, g_k, g_a = rest
-  norms = gradient_norms(g_k, g_a)
-  zero = jnp.zeros((), jnp.float32)
-  w_pen, t_w, a_pen, t_a = zero, [], zero, []
-  if use_w:
-    w_pen, t_w = _term(g_k, names, norms, "weight", weight_coef, ord)
-  if use_a:
-    a_pen, t_a = _term(g_a, keys, norms, "act", act_coef, ord)
-  (g_extra,) = pullback((t_w, t_a, jnp.ones_like(s)))
+  s, pullback, rest = jax.vjp(build, params, has_aux=True)
+  g_params, loss, aux, activations, g_k, g_a, hv, w_pen, a_pen, norms = rest
+  (g_extra,) = pullback(jnp.ones_like(s))
+  g_extra = jax.tree.map(jnp.add, hv, g_extra)
   grads = jax.tree.map(jnp.add, g_params, g_extra)
   penalty = w_pen + a_pen
   total = loss + penalty + s
@@ -883,6 +992,28 @@ def _with_extra(
   return (total, info), grads
 
 
+def _after_first_pass(
+  kernels: list[jax.Array],
+  eps: dict[str, jax.Array],
+  t_w: list[jax.Array],
+  t_a: dict[str, jax.Array],
+) -> tuple[list[jax.Array], dict[str, jax.Array]]:
+  """The second pass's inputs, made to depend on the first pass's end.
+
+  Without this XLA schedules the second pass's forward early and both
+  passes' activations live at once (the linearization's memory again); an
+  ``optimization_barrier`` does not order them on XLA:CPU (it is expanded
+  away). Each input is made to depend on its own tangent, c·sign(∇L), by a
+  select that never fires (the tangent is finite), which XLA cannot drop;
+  the first layer's gradient comes last in the backward pass, and the
+  forward starts there.
+  """
+  never = lambda x, t: jnp.where(jnp.isinf(t), jnp.zeros_like(x), x)
+  kernels = [never(k, t) for k, t in zip(kernels, t_w)]
+  eps = {k: never(v, t_a[k]) for k, v in eps.items()}
+  return kernels, eps
+
+
 def _penalty_grad(
   grads_at, kernels, lin_k, lin_e, g_params, t_w, t_a, method, fd_step
 ):
@@ -897,12 +1028,21 @@ def _penalty_grad(
   # Finite difference: the probe moves by fd_step·(1 + ‖W‖₂) along t.
   t_norm = jnp.sqrt(_l2(t_w) ** 2 + _l2(t_a) ** 2)
   r = fd_step * (1.0 + _l2(kernels)) / jnp.where(t_norm > 0, t_norm, 1.0)
-  shift = lambda p, t: p + (r * t).astype(p.dtype)
-  g_probe = params_grad(
-    jax.tree.map(shift, lin_k, t_w), jax.tree.map(shift, lin_e, t_a)
-  )
+
+  def probe(side: float) -> PyTree:
+    shift = lambda p, t: p + (side * r * t).astype(p.dtype)
+    return params_grad(
+      jax.tree.map(shift, lin_k, t_w), jax.tree.map(shift, lin_e, t_a)
+    )
+
+  if method == "central_difference":
+    return jax.tree.map(
+      lambda g1, g2: ((g1 - g2) / (2 * r)).astype(g1.dtype),
+      probe(1.0),
+      probe(-1.0),
+    )
   return jax.tree.map(
-    lambda g1, g0: ((g1 - g0) / r).astype(g0.dtype), g_probe, g_params
+    lambda g1, g0: ((g1 - g0) / r).astype(g0.dtype), probe(1.0), g_params
   )
 
 
@@ -992,7 +1132,7 @@ def penalty_gradient_cosine(
     has_aux: Whether ``loss_fn`` returns ``(loss, aux)``.
     method: The method measured (:data:`METHODS`).
     reference: The method compared with (default the exact ``"hvp"``).
-    fd_step: ``"finite_difference"``'s relative probe distance.
+    fd_step: The finite differences' relative probe distance.
     points: Where A is read (:data:`l1grad.perturb.POINTS`).
     act_norm: As for :func:`value_and_grad`.
     ord: 1 (the paper's ℓ1 penalty) or 2.

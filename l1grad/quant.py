@@ -499,6 +499,17 @@ class BinWidths(NamedTuple):
       out[name] = jnp.where(a > 0, delta / safe, jnp.zeros_like(a))
     return out
 
+  def point_widths(self) -> dict[str, dict[str, jax.Array]]:
+    """Δ shaped like the penalty's point z = ``{"weights", "acts"}``.
+
+    The unfolded kernels' widths (:meth:`unfolded_weights`) and the
+    activation points', as :func:`l1grad.expansion.uniform_noise`,
+    :func:`l1grad.expansion.hutchinson_curvature` and the other noise
+    functions of :mod:`l1grad.expansion` take them for the ``z`` of
+    :func:`l1grad.expansion.point_loss`.
+    """
+    return {"weights": self.unfolded_weights(), "acts": self.activations}
+
 
 def bin_widths(
   model: nn.Module,

@@ -17,7 +17,10 @@
    finite-difference variant at the same λ), ``l2``, ``dq`` (Defensive
    Quantization, β = ``dq_beta``) and ``ste`` (straight-through quantization-
    aware fine-tuning at ``ste_bits``, batch norm folded as PTQ evaluates),
-   plus ``extra_methods``. Each fine-tune has the same start, length and
+   plus ``extra_methods``. An extra method whose fields use ``@lambda``
+   gets its own λ by the same rule over ``extra_lambda_grids[name]``
+   (e.g. the bound-weighted penalty, whose λ multiplies Δ/2, or lazy
+   regularization, whose λ is the mean coefficient per step). Each fine-tune has the same start, length and
    learning-rate schedule; only the regularization differs.
 4. **PTQ**: every fine-tuned model quantized after training at every pair of
    ``bits`` on the test split (batch norm folded, per-tensor weights,
@@ -92,6 +95,8 @@ _PRIOR_STEP_COST = {
 # One evaluation example relative to one training example (forward only, at
 # a large batch: 0.1 measured on the Fashion-MNIST study's PTQ sweeps).
 _EVAL_COST = 0.1
+# In an extra method's fields: its own λ, chosen over extra_lambda_grids.
+_OWN_LAMBDA = "@lambda"
 RESULTS_FORMAT = "l1grad.study/1"
 
 
@@ -137,7 +142,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
       values = list(config[grid])
       if not values or any(v <= 0 for v in values):
         _fail(grid, f"must hold positive λ values, got {values!r}.")
-  selecting = any(m in config.methods for m in needs)
+  selecting = any(m in config.methods for m in needs) or any(
+    m in config.methods for m in config.get("extra_lambda_grids", {})
+  )
   if selecting and "none" not in config.methods:
     _fail(
       "methods",
@@ -155,11 +162,36 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _fail("selection_tolerance", "must be >= 0 (accuracy points).")
   if config.fd_cosine_batches < 0:
     _fail("fd_cosine_batches", "must be >= 0 (0: skip the FD check).")
+  for ref in config.get("paired_references", ("none",)):
+    if ref not in config.methods:
+      _fail("paired_references", f"names {ref!r}, which is not in methods.")
   bits_lib.parse_pairs(config.bits)
   if "ste" in config.methods:
     bits_lib.parse_pair(config.ste_bits)
+  grids = config.get("extra_lambda_grids", {})
   for name, spec in config.extra_methods.items():
     _parse_extra(spec, f"extra_methods.{name}")
+    if _OWN_LAMBDA in spec and name not in grids:
+      _fail(
+        f"extra_methods.{name}",
+        f"uses {_OWN_LAMBDA} (its own λ, chosen by the paper's rule) but"
+        f" config.extra_lambda_grids has no grid {name!r}: add"
+        f" --config.extra_lambda_grids.{name}='(0.01, 0.02)'.",
+      )
+  for name in grids:
+    spec = config.extra_methods.get(name)
+    if spec is None or _OWN_LAMBDA not in spec:
+      _fail(
+        f"extra_lambda_grids.{name}",
+        f"is a grid for a method whose fields do not use {_OWN_LAMBDA}"
+        " (define it in config.extra_methods with e.g."
+        f" 'reg.weight_coef={_OWN_LAMBDA}').",
+      )
+    values = list(grids[name])
+    if not values or any(v <= 0 for v in values):
+      _fail(
+        f"extra_lambda_grids.{name}", f"must hold positive λ, got {values!r}."
+      )
 
 
 # --------------------------------------------------------------------------
@@ -217,8 +249,14 @@ def finetune_job(
   seed: int,
   coef: float | None = None,
   phase: str = "finetune",
+  l1_coef: float | None = None,
 ) -> Job:
-  """The fine-tune of ``method`` from seed ``seed``'s base."""
+  """The fine-tune of ``method`` from seed ``seed``'s base.
+
+  ``coef`` is the method's λ (β); for an extra method, the value of its
+  ``@lambda``, while ``@l1`` takes ``l1_coef`` (the chosen ℓ1 λ; ``coef``
+  when the method has no ``@lambda``).
+  """
   config = _train_config(study)
   config.seed = seed
   config.init_from = os.path.join(workdir, "runs", f"base_s{seed}")
@@ -242,19 +280,29 @@ def finetune_job(
     fields = _parse_extra(
       study.extra_methods[method], f"extra_methods.{method}"
     )
+    own = _OWN_LAMBDA in study.extra_methods[method]
+    l1 = l1_coef if own else coef
     for key, value in fields.items():
-      _set_field(config, key, _resolve_value(value, coef))
+      _set_field(config, key, _resolve_value(value, l1, coef if own else None))
     if "reg.weight_coef" in fields:  # Named and labelled by what it trains.
       coef = float(config.reg.weight_coef)
   suffix = "" if coef is None else f"_{_coef_name(coef)}"
   return Job(f"{method}{suffix}_s{seed}", phase, method, seed, coef, config)
 
 
-def _resolve_value(text: str, l1_coef: float | None) -> Any:
-  """An extra method's value: ``@l1`` (× a factor) is the chosen ℓ1 λ."""
-  if text.startswith("@l1"):
-    factor = float(text[4:]) if text[3:4] == "*" else 1.0
-    return float(l1_coef) * factor
+def _resolve_value(
+  text: str, l1_coef: float | None, own_coef: float | None = None
+) -> Any:
+  """An extra method's value.
+
+  ``@l1`` (× a factor: ``@l1*4``) is the chosen ℓ1 λ, ``@lambda`` (``@lambda*4``)
+  the method's own λ.
+  """
+  for token, coef in ((_OWN_LAMBDA, own_coef), ("@l1", l1_coef)):
+    if text.startswith(token):
+      rest = text[len(token) :]
+      factor = float(rest[1:]) if rest.startswith("*") else 1.0
+      return float(coef) * factor
   try:
     return json.loads(text)
   except json.JSONDecodeError:
@@ -291,8 +339,15 @@ def plan_finetunes(
         coef = None
       else:
         spec = study.extra_methods[method]
-        coef = lambdas["l1"] if "@l1" in spec else None
-      jobs.append(finetune_job(study, workdir, method, seed, coef))
+        if _OWN_LAMBDA in spec:
+          coef = lambdas[method]
+        else:
+          coef = lambdas["l1"] if "@l1" in spec else None
+      jobs.append(
+        finetune_job(
+          study, workdir, method, seed, coef, l1_coef=lambdas.get("l1")
+        )
+      )
   return jobs
 
 
@@ -384,8 +439,10 @@ def _last_metrics(workdir: str) -> dict[str, float]:
 class _Progress:
   """Overall progress and ETA, in units of plain training steps.
 
-  The ETA is elapsed wall time (compilation included) per finished unit
-  times the units left; a run in progress counts by its logged step. Step
+  The ETA is elapsed wall time (compilation included) per unit done in
+  this invocation times the units left; units a previous invocation
+  finished count as done but not towards the rate (``skip``); a run in
+  progress counts by its logged step. Step
   costs relative to a plain step start from benchmark priors and are
   replaced by the measured ratio once a run of that kind has finished.
   """
@@ -395,6 +452,7 @@ class _Progress:
     self.start = time.monotonic()
     self.units_total = 0.0
     self.units_done = 0.0
+    self.units_skipped = 0.0  # done by an earlier invocation
     self.current: tuple[str, float, int] | None = None  # (workdir, cost, steps)
     self.seconds_per_step: dict[str, float] = {}
     self._stop = threading.Event()
@@ -406,6 +464,11 @@ class _Progress:
     if base and kind in self.seconds_per_step:
       return self.seconds_per_step[kind] / base
     return _PRIOR_STEP_COST[kind]
+
+  def skip(self, units: float) -> None:
+    """Counts units an earlier invocation finished."""
+    self.units_done += units
+    self.units_skipped += units
 
   def _current_units(self) -> float:
     if self.current is None:
@@ -424,11 +487,13 @@ class _Progress:
   def line(self) -> str:
     elapsed = time.monotonic() - self.start
     done = self.units_done + self._current_units()
+    worked = done - self.units_skipped
     text = f"{_duration(elapsed)} elapsed"
-    if done > 0 and self.units_total > 0:
-      left = max(self.units_total - done, 0.0) * elapsed / done
-      pct = 100.0 * min(done / self.units_total, 1.0)
-      text += f", {pct:.0f} % done, about {_duration(left)} left"
+    if self.units_total > 0:
+      text += f", {100.0 * min(done / self.units_total, 1.0):.0f} % done"
+    if worked > 0 and self.units_total > 0:
+      left = max(self.units_total - done, 0.0) * elapsed / worked
+      text += f", about {_duration(left)} left"
     return text
 
   def __enter__(self) -> _Progress:
@@ -464,7 +529,7 @@ def _train(job: Job, workdir: str, progress: _Progress, say) -> dict[str, Any]:
   cost = progress.cost(kind)
   record = _read_json(done_path)
   if record is not None:
-    progress.units_done += cost * steps
+    progress.skip(cost * steps)
     return record
   say(f"[study] {job.phase} {job.name}: {steps} steps ({progress.line()})")
   progress.current = (run_dir, cost, steps)
@@ -553,34 +618,52 @@ def _ptq(
 
 
 def _fd_cosines(
-  run_dir: str, study: ml_collections.ConfigDict, coef: float, record
+  run_dir: str,
+  study: ml_collections.ConfigDict,
+  coef: float,
+  record,
+  variant: Job | None = None,
 ) -> dict[str, Any] | None:
-  """FD-vs-exact penalty-gradient cosines of a base; cached."""
+  """FD-vs-exact penalty-gradient cosines of a base; cached in its record.
+
+  With ``variant`` (a fine-tune of a finite-difference extra method) the
+  cosines of that method's rule (``reg.method``, ``reg.fd_step``) at its λ.
+  """
   if study.fd_cosine_batches <= 0:
     return None
-  if "fd_cosines" in record:
-    return record["fd_cosines"]
+  cache = record if variant is None else record.setdefault("fd_variants", {})
+  key = "fd_cosines" if variant is None else variant.method
+  if key in cache:
+    return cache[key]
   from l1grad import analysis  # pylint: disable=g-import-not-at-top
 
   t0 = time.monotonic()
-  train_config = study.train
+  reg = (study.train if variant is None else variant.config).reg
   value = dict(
     analysis.finite_difference_cosines(
       run_dir,
       num_batches=study.fd_cosine_batches,
-      coef=coef,
-      fd_step=train_config.reg.fd_step,
-      minival_examples=train_config.get("minival_examples", 0),
+      coef=coef if variant is None else float(reg.weight_coef),
+      fd_step=reg.fd_step,
+      minival_examples=study.train.get("minival_examples", 0),
+      method="finite_difference" if variant is None else reg.method,
     )
   )
   value["seconds"] = time.monotonic() - t0
-  record["fd_cosines"] = value
+  cache[key] = value
   _write_json(os.path.join(run_dir, _DONE_FILE), record)
   return value
 
 
 def _selection(
-  study, workdir, progress, say, settings, method: str, grid_field: str
+  study,
+  workdir,
+  progress,
+  say,
+  settings,
+  method: str,
+  grid_values: Sequence[float],
+  l1_coef: float | None = None,
 ) -> dict[str, Any]:
   """Fine-tunes the selection seeds at each λ and applies the paper's rule.
 
@@ -603,10 +686,12 @@ def _selection(
       )["accuracy"]
     )
   grid = []
-  for coef in sorted(study[grid_field]):
+  for coef in sorted(grid_values):
     accs, collapsed, ratios, names = [], False, [], []
     for seed in seeds:
-      job = finetune_job(study, workdir, method, seed, coef, phase="grid")
+      job = finetune_job(
+        study, workdir, method, seed, coef, phase="grid", l1_coef=l1_coef
+      )
       rec = _train(job, workdir, progress, say)
       acc = _float_accuracy(
         os.path.join(workdir, "runs", job.name), "minival", settings, rec
@@ -633,7 +718,7 @@ def _selection(
   chosen, kept = select_lambda(grid, reference, study.selection_tolerance)
   if not kept:
     say(
-      f"[study] warning: no {method} λ of {list(study[grid_field])} kept"
+      f"[study] warning: no {method} λ of {list(grid_values)} kept"
       f" minival accuracy within {study.selection_tolerance} points of"
       f" {100 * reference:.2f} %; using the smallest, {chosen:g}."
       " Extend the grid downwards."
@@ -651,6 +736,12 @@ def _selection(
     "chosen": chosen,
     "within_tolerance": kept,
   }
+
+
+def _extra_grids(study: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The λ grids of the extra methods in the table that choose their own."""
+  grids = study.get("extra_lambda_grids", {})
+  return {m: grids[m] for m in study.methods if m in grids}
 
 
 def _settings(study: ml_collections.ConfigDict) -> Any:
@@ -674,11 +765,13 @@ def _units_planned(study, progress: _Progress) -> float:
   fts = [(m, s) for s in study.seeds for m in study.methods]
   units += sum(progress.cost(m) * ft_steps for m, _ in fts)
   # The chosen λ's grid run is the first seed's fine-tune itself.
+  n_sel = min(len(study.seeds), max(1, study.get("selection_seeds", 1)))
   for method, grid in (("l1", "lambda_grid"), ("l2", "l2_lambda_grid")):
     if method in study.methods or (method == "l1" and "l1_fd" in study.methods):
       extra = len(study[grid]) - (method in study.methods)
-      n_sel = min(len(study.seeds), max(1, study.get("selection_seeds", 1)))
       units += n_sel * extra * ft_steps * progress.cost(method)
+  for method, grid in _extra_grids(study).items():
+    units += n_sel * (len(grid) - 1) * ft_steps * progress.cost(method)
   from l1grad import data  # pylint: disable=g-import-not-at-top
 
   base_train = base.config
@@ -715,6 +808,7 @@ def run_study(
   """
   from l1grad import config_lib  # pylint: disable=g-import-not-at-top
   from l1grad import data  # pylint: disable=g-import-not-at-top
+  from l1grad import penalty  # pylint: disable=g-import-not-at-top
 
   validate(config)
   train_config = _train_config(config)
@@ -751,16 +845,24 @@ def run_study(
     t = time.monotonic()
     selection = {}
     lambdas: dict[str, float | None] = {"l1": None, "l2": None}
+    grids = {}
     if "l1" in config.methods or "l1_fd" in config.methods:
-      selection["l1"] = _selection(
-        config, workdir, progress, say, settings, "l1", "lambda_grid"
-      )
-      lambdas["l1"] = selection["l1"]["chosen"]
+      grids["l1"] = config.lambda_grid
     if "l2" in config.methods:
-      selection["l2"] = _selection(
-        config, workdir, progress, say, settings, "l2", "l2_lambda_grid"
+      grids["l2"] = config.l2_lambda_grid
+    grids.update(_extra_grids(config))
+    for method, grid in grids.items():
+      selection[method] = _selection(
+        config,
+        workdir,
+        progress,
+        say,
+        settings,
+        method,
+        grid,
+        l1_coef=lambdas["l1"],
       )
-      lambdas["l2"] = selection["l2"]["chosen"]
+      lambdas[method] = selection[method]["chosen"]
     timings["lambda_selection"] = time.monotonic() - t
 
     t = time.monotonic()
@@ -775,15 +877,20 @@ def run_study(
     )
     for i, job in enumerate(jobs):
       run_dir = os.path.join(workdir, "runs", job.name)
-      if "ptq" not in records[job.name]:
+      cached = "ptq" in records[job.name]
+      if not cached:
         say(f"[study] PTQ [{i + 1}/{len(jobs)}] {job.name} ({progress.line()})")
       sweep = _ptq(run_dir, settings, records[job.name], max_test)
-      progress.units_done += (
+      units = (
         _EVAL_COST
         * (len(settings.bits) + 1)
         * sweep["num_examples"]
         / config.train.batch_size
       )
+      if cached:
+        progress.skip(units)
+      else:
+        progress.units_done += units
       for r in sweep["results"]:
         results.append(
           {
@@ -816,6 +923,25 @@ def run_study(
         )
         if value is not None:
           fd[name] = value
+    # The same check for each finite-difference extra method's own rule.
+    fd_variants: dict[str, dict[str, Any]] = {}
+    for job in jobs:
+      fd_method = job.config.reg.get("method", "hvp")
+      if job.method in METHODS or job.seed != config.seeds[0]:
+        continue
+      if job.config.reg.kind != "l1" or fd_method not in penalty.FD_METHODS:
+        continue
+      for seed in config.seeds:
+        name = f"base_s{seed}"
+        value = _fd_cosines(
+          os.path.join(workdir, "runs", name),
+          config,
+          lambdas["l1"],
+          base_records[seed],
+          variant=job,
+        )
+        if value is not None:
+          fd_variants.setdefault(job.method, {})[name] = value
     timings["fd_cosines"] = time.monotonic() - t
 
   timings["this_invocation"] = time.monotonic() - t_start
@@ -833,7 +959,9 @@ def run_study(
     }.items()
   }
   ptq_seconds = sum(r["ptq"]["seconds"] for r in records.values())
-  fd_seconds = sum(v.get("seconds", 0.0) for v in fd.values())
+  fd_seconds = sum(v.get("seconds", 0.0) for v in fd.values()) + sum(
+    v.get("seconds", 0.0) for by in fd_variants.values() for v in by.values()
+  )
   timings["compute_total"] = (
     sum(train_seconds.values()) + ptq_seconds + (fd_seconds)
   )
@@ -853,6 +981,7 @@ def run_study(
     "lambda_selection": selection,
     "results": results,
     "fd_cosines": fd,
+    "fd_variant_cosines": fd_variants,
     "timings": {
       **timings,
       "train_runs": train_seconds,
@@ -967,20 +1096,27 @@ def markdown(out: Mapping[str, Any]) -> str:
     "",
     table.rstrip(),
     "",
-    "## Paired difference to `none`, accuracy points",
-    "",
-    "Per seed, the method's accuracy minus the unregularized fine-tune's of"
-    " the same seed (same base); mean ± std over seeds and (in brackets)"
-    " how many seeds gained.",
-    "",
   ]
-  diffs = paired_differences(results)
-  lines.append("| method | " + " | ".join(columns) + " |")
-  lines.append("|---|" + "---:|" * len(columns))
-  for label, cols in diffs.items():
-    cells = [_diff_cell(cols[c]) if c in cols else "–" for c in columns]
-    lines.append(f"| {label} | " + " | ".join(cells) + " |")
-  lines += ["", "## λ selection (the paper's rule, on minival)", ""]
+  references = out["config"].get("paired_references", ["none"])
+  labels = {r["method"]: r["label"] for r in results}
+  for ref in references:
+    if ref not in labels:
+      continue
+    lines += [
+      f"## Paired difference to `{labels[ref]}`, accuracy points",
+      "",
+      f"Per seed, the method's accuracy minus that of `{labels[ref]}` on"
+      " the same seed (same base); mean ± std over seeds and (in brackets)"
+      " how many seeds gained.",
+      "",
+      "| method | " + " | ".join(columns) + " |",
+      "|---|" + "---:|" * len(columns),
+    ]
+    for label, cols in paired_differences(results, ref).items():
+      cells = [_diff_cell(cols[c]) if c in cols else "–" for c in columns]
+      lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines.append("")
+  lines += ["## λ selection (the paper's rule, on minival)", ""]
   for method, sel in out["lambda_selection"].items():
     lines.append(
       f"{method}: reference (unregularized fine-tune, seed"
@@ -1005,7 +1141,8 @@ def markdown(out: Mapping[str, Any]) -> str:
         f" {'yes' if g['collapsed'] else 'no'} |"
       )
     lines.append("")
-  if out["fd_cosines"]:
+  variants = out.get("fd_variant_cosines", {})
+  if out["fd_cosines"] or variants:
     lines += [
       "## Finite difference vs exact penalty gradient",
       "",
@@ -1014,14 +1151,17 @@ def markdown(out: Mapping[str, Any]) -> str:
       " on training batches of each trained base (BN in train mode, as"
       " training sees it).",
       "",
-      "| base | batches | median | min | max | fd_step |",
-      "|---|---:|---:|---:|---:|---:|",
+      "| rule | base | batches | median | min | max | fd_step |",
+      "|---|---|---:|---:|---:|---:|---:|",
     ]
-    for name, v in out["fd_cosines"].items():
-      lines.append(
-        f"| {name} | {v['num_batches']} | {v['median']:.3f} |"
-        f" {v['min']:.3f} | {v['max']:.3f} | {v['fd_step']:g} |"
-      )
+    rows = [("l1_fd", out["fd_cosines"])] + list(variants.items())
+    for rule, by_base in rows:
+      for name, v in by_base.items():
+        lines.append(
+          f"| {rule} ({v.get('method', 'finite_difference')}) | {name} |"
+          f" {v['num_batches']} | {v['median']:.3f} | {v['min']:.3f} |"
+          f" {v['max']:.3f} | {v['fd_step']:g} |"
+        )
     lines.append("")
   t = out["timings"]
   lines += [

@@ -14,7 +14,7 @@ lock, SIGTERM/Ctrl-C, the finite checks, the metric writer) is
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 import functools
 import signal
 import time
@@ -374,6 +374,7 @@ def make_train_step(
     method=reg.method,
     has_aux=True,
     fd_step=reg.fd_step,
+    hvp_impl=reg.get("hvp_impl", "linearize"),
     track_activations=config.get("track_act_grad", True),
     points=reg.get("points", "layer_inputs"),
     act_norm=reg.get("act_norm", "none"),
@@ -670,6 +671,29 @@ def lazy_step_config(
   return scaled
 
 
+# The metrics of the penalty (its value and terms), per step.
+_PENALTY_METRICS = ("penalty", "weight_penalty", "act_penalty", "dq_penalty")
+
+
+def lazy_penalty_scalars(
+  penalty_metrics: Mapping[str, Any] | None, every_steps: int
+) -> dict[str, float]:
+  """A lazy run's logged penalty: the last penalty step's, per step.
+
+  With ``reg.every_steps = k`` the penalty runs on every k-th step with its
+  coefficients × k, and the other steps log none; a row, whatever step it
+  lands on, logs the most recent penalty step's values divided by k, i.e.
+  λ·‖∇L‖ on the scale of a k = 1 run (0 before this invocation's first
+  one). The penalty per step on average, so ``penalty / cross_entropy``
+  reads as for k = 1, and a row never shows 0 just because the logging
+  interval is a multiple of k.
+  """
+  if penalty_metrics is None:
+    return {k: 0.0 for k in _PENALTY_METRICS}
+  got = jax.device_get({k: penalty_metrics[k] for k in _PENALTY_METRICS})
+  return {k: float(v) / every_steps for k, v in got.items()}
+
+
 def _train_locked(
   config: ml_collections.ConfigDict, workdir: str
 ) -> TrainState:
@@ -742,6 +766,8 @@ def _train_locked(
     )
 
     rng = jax.random.key(config.seed)
+    reg_every = config_lib.reg_every_steps(config)
+    last_penalty_metrics = None
     start = int(jax.device_get(state.step))
     writer = run_guard.MetricWriter(workdir, history, start)
     if start >= plan.last_step:
@@ -794,6 +820,8 @@ def _train_locked(
         variant = (regularized, freeze_step is not None and step >= freeze_step)
         state, metrics = step_fns[variant](state, batch, rng)
         pending.append((step, metrics))
+        if regularized:
+          last_penalty_metrics = metrics
         done = step + 1
         if variant not in compiled:
           compiled.add(variant)
@@ -822,6 +850,10 @@ def _train_locked(
           scalars = {
             k: float(v) for k, v in jax.device_get(pending[-1][1]).items()
           }
+          if reg_every > 1:
+            scalars.update(
+              lazy_penalty_scalars(last_penalty_metrics, reg_every)
+            )
           if timed_steps:
             rate = (
               timed_steps * config.batch_size / max(time.time() - t_mark, 1e-9)

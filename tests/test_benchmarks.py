@@ -74,7 +74,7 @@ def test_both_hvp_forms_the_benchmark_compares_take_the_same_step():
   lr = lambda step: 0.01
   new_params = {}
   for variant in ("l1_hvp", "l1_hvp_jvp"):
-    config, regularized, impl = step_time.variant_config(
+    config, regularized = step_time.variant_config(
       setup["config"], variant, "4:4"
     )
     tx = train.create_optimizer(config, lr)
@@ -84,9 +84,7 @@ def test_both_hvp_forms_the_benchmark_compares_take_the_same_step():
       batch_stats=stats,
       opt_state=tx.init(params),
     )
-    step = step_time.make_train_step(
-      model, config, tx, lr, regularized=regularized, hvp_impl=impl
-    )
+    step = train.make_train_step(model, config, tx, lr, regularized=regularized)
     state, _ = jax.jit(step)(state, batch, jax.random.key(0))
     new_params[variant] = state.params
   for a, b in zip(

@@ -256,6 +256,39 @@ def test_extra_term_value_and_gradient_match_the_reference():
       )
 
 
+def test_quadratic_form_gradient_by_forward_mode_is_exact():
+  """``lin.quadratic_form``: ½·vᵀHv and its gradient as reverse mode gives."""
+  with jax.enable_x64(True):
+    loss_fn, plain, params, eps0, args = _problem()
+    v_w, v_a = _probe(params, eps0)
+
+    def reverse(lin):  # reverse mode through the Hessian map
+      h_w, h_a = lin.hvp(v_w, v_a)
+      return 0.5 * (_dot(v_w, h_w) + _dot(v_a, h_a))
+
+    out = {}
+    for name, term in (
+      ("reverse", reverse),
+      ("forward", lambda lin: lin.quadratic_form(v_w, v_a)),
+    ):
+      fn = penalty.value_and_grad(
+        loss_fn, weight_coef=0.3, act_coef=0.5, has_aux=True, extra=term
+      )
+      (value, info), grads = jax.jit(fn)(params, *args)
+      out[name] = value, info["extra"], grads
+    np.testing.assert_allclose(out["forward"][0], out["reverse"][0], rtol=1e-8)
+    np.testing.assert_allclose(out["forward"][1], out["reverse"][1], rtol=1e-8)
+    chex.assert_trees_all_close(
+      out["forward"][2], out["reverse"][2], rtol=1e-9, atol=1e-12
+    )
+
+    # Its gradient w.r.t. the probe is H·v (a probe that depends on params).
+    lin = penalty.linearize(loss_fn, params, *args, has_aux=True)
+    g_w, g_a = jax.grad(lin.quadratic_form, argnums=(0, 1))(v_w, v_a)
+    h_w, h_a = lin.hvp(v_w, v_a)
+    chex.assert_trees_all_close((g_w, g_a), (h_w, h_a), rtol=1e-10)
+
+
 def test_return_grads_are_the_trees_keyed_by_module_path():
   loss_fn, plain, params, eps0, args = _problem(jnp.float32)
   kw = dict(weight_coef=0.3, act_coef=0.5, has_aux=True)

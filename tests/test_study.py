@@ -33,12 +33,24 @@ def tiny_study_config():
       "l2_lambda_grid": (1.0,),
       "bits": "8:8,3:3",
       "fd_cosine_batches": 2,
+      "extra_lambda_grids.l1_bound44": (0.5,),
     }
   )
+  config.methods = tuple(m for m in config.methods if m != "l1_fd_short")
   return config
 
 
-METHODS = ["none", "l1", "l1_fd", "l2", "dq", "ste", "ste_unfolded"]
+METHODS = [
+  "none",
+  "l1",
+  "l1_fd",
+  "l2",
+  "dq",
+  "ste",
+  "ste_unfolded",
+  "l1_bound44",
+  "l1_cd",
+]
 
 
 def test_reduced_study_end_to_end_resumes_and_never_selects_on_test(
@@ -61,10 +73,12 @@ def test_reduced_study_end_to_end_resumes_and_never_selects_on_test(
   study.run_study(tiny_study_config(), workdir)
 
   trained = [name for kind, name in events if kind == "train"]
-  # 1 base, none, l1 at 2 λ, l2 at 1 λ (the grid), then the methods; the
-  # chosen λ's grid runs are the seed's fine-tunes, so they train once.
+  # 1 base, none, l1 at 2 λ, l2 and the bound at 1 λ (the grids), then the
+  # other methods; the chosen λ's grid runs are the seed's fine-tunes, so
+  # they train once.
   assert trained[0] == "base_s0"
-  assert len(trained) == len(set(trained)) == 1 + 1 + 2 + 1 + 4
+  assert len(trained) == len(set(trained)) == 1 + 1 + 2 + 1 + 1 + 5
+  assert "l1_bound44_0.5_s0" in trained and "l1_cd_0.01_s0" in trained
   last_train = max(i for i, e in enumerate(events) if e[0] == "train")
   first_test = min(i for i, e in enumerate(events) if e == ("eval", "test"))
   assert first_test > last_train
@@ -87,8 +101,16 @@ def test_reduced_study_end_to_end_resumes_and_never_selects_on_test(
     assert set(g) >= {"minival_accuracy", "penalty_to_cross_entropy"}
     assert isinstance(g["collapsed"], bool)
   assert out["lambdas"]["l2"] == 1.0
+  # The bound chooses its own λ by the same rule, on its own grid.
+  assert out["lambdas"]["l1_bound44"] == 0.5
+  assert [
+    g["lambda"] for g in out["lambda_selection"]["l1_bound44"]["grid"]
+  ] == [0.5]
   fd = out["fd_cosines"]["base_s0"]
   assert fd["num_batches"] == 2 and -1.0 <= fd["median"] <= 1.0
+  # A finite-difference extra method gets the check with its own rule.
+  cd = out["fd_variant_cosines"]["l1_cd"]["base_s0"]
+  assert cd["method"] == "central_difference" and cd["num_batches"] == 2
   assert out["versions"]["jax"]
   assert set(out["timings"]["train_runs"]) == set(trained)
 
@@ -152,6 +174,7 @@ def test_paired_differences_pair_by_seed_and_column():
     ({"lambda_grid": ()}, "lambda_grid"),
     ({"train.minival_examples": 0}, "train.minival_examples"),
     ({"bits": "9x9"}, ""),
+    ({"extra_lambda_grids.l1_bound44": ()}, "extra_lambda_grids.l1_bound44"),
   ],
 )
 def test_bad_configs_name_the_field(overrides, field):
@@ -175,3 +198,31 @@ def test_extra_methods_resolve_the_chosen_lambda():
   assert job.config.reg.weight_coef == pytest.approx(0.08)
   assert job.config.init_from == "/w/runs/base_s0"
   assert by_name["l1_0.02_s1"].config.reg.method == "hvp"
+
+
+def test_extra_methods_with_their_own_lambda():
+  """``@lambda`` is the method's own λ (its grid's choice); ``@l1`` ℓ1's."""
+  from configs.studies import fashion_mnist as fashion_study
+
+  config = fashion_study.get_config()
+  study.validate(config)
+  lambdas = {"l1": 0.0005, "l2": 0.02, "l1_lazy4": 0.001}
+  lambdas.update(l1_lazy16=0.0002, l1_bound44=0.005)
+  jobs = {j.name: j for j in study.plan_finetunes(config, "/w", lambdas)}
+  lazy = jobs["l1_lazy4_0.001_s2"].config.reg
+  assert (lazy.weight_coef, lazy.every_steps, lazy.act_coef) == (0.001, 4, -1)
+  bound = jobs["l1_bound44_0.005_s0"].config.reg
+  assert (bound.weighting, bound.target_bits) == ("bin_width", "4:4")
+  cd = jobs["l1_cd_0.0005_s1"].config.reg
+  assert (cd.method, cd.weight_coef) == ("central_difference", 0.0005)
+  assert jobs["l1_fd_short_0.0005_s0"].config.reg.fd_step == 1e-4
+
+  config.extra_methods.l1_x = "reg.kind=l1;reg.weight_coef=@lambda"
+  config.methods = (*config.methods, "l1_x")
+  with pytest.raises(errors.ConfigError, match="extra_lambda_grids has no"):
+    study.validate(config)
+  config.extra_lambda_grids.l1_cd = (0.1,)  # l1_cd has no @lambda
+  del config.extra_methods["l1_x"]
+  config.methods = config.methods[:-1]
+  with pytest.raises(errors.ConfigError, match="extra_lambda_grids.l1_cd"):
+    study.validate(config)

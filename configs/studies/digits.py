@@ -34,6 +34,9 @@ def get_config():
   config.l2_lambda_grid = (1.0, 2.0, 5.0, 10.0, 20.0)
   config.extra_methods.ste_unfolded = "qat.bits=4:4;qat.scheme=unfolded"
   config.methods = (*config.methods, "ste_unfolded")
+  # The bound's Δ/2 is ≈ 0.01–0.08 for the kernels and ≈ 0.21 for the
+  # activations here, so its λ is ~10× the single λ at the same strength.
+  base.add_variants(config, bound_lambda_grid=(0.05, 0.1, 0.2, 0.5, 1.0, 2.0))
   config.bits = "8:8,6:4,4:4,4:3,3:8,3:3,8:2,4:2,3:2"
   config.eval_batch_size = 360
   return config

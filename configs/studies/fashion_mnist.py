@@ -37,4 +37,11 @@ def get_config():
   config.lambda_grid = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05)
   config.l2_lambda_grid = (0.02, 0.2)
   config.bits = "8:8,8:4,6:4,4:4,4:3,3:3,8:2,4:2"
+  # The bound's Δ/2 is ≈ 0.02–0.09 for the kernels and ≈ 0.24 for the
+  # activations here, so its λ is ~10× the single λ at the same strength.
+  base.add_variants(
+    config,
+    bound_lambda_grid=(0.001, 0.002, 0.005, 0.01),
+    lazy_lambda_grid=(0.0002, 0.0005, 0.001, 0.002),
+  )
   return config
