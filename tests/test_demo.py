@@ -23,6 +23,7 @@ TINY = [
   "--config.l2_lambda_grid=1.0",
   "--config.bits=8:8,3:3",
   "--config.fd_cosine_batches=2",
+  "--config.extra_lambda_grids.l1_bound44=0.5",
 ]
 LABELS = ["none", "ℓ1 exact", "ℓ1 finite diff.", "ℓ2", "DQ", "STE"]
 
@@ -54,9 +55,10 @@ def test_demo_runs_the_digits_study_and_prints_its_table(tmp_path):
   for ext in ("md", "json", "csv", "png"):
     assert os.path.getsize(out / f"study.{ext}") > 0
   report = json.load(open(out / "study.json"))
-  assert report["methods"][-1] == "ste_unfolded"
+  extra = ["ste_unfolded", "l1_bound44", "l1_cd", "l1_fd_short"]
+  assert report["methods"][-4:] == extra
   # The printed table is the study's first one: a row per method, FP first.
   table = stdout[stdout.index("=== Demo done") :]
   assert "| method | n | FP | (8,8) | (3,3) |" in table
-  for label in LABELS + ["ste_unfolded"]:
+  for label in LABELS + extra:
     assert f"| {label}" in table

@@ -4,14 +4,18 @@ What ``scripts/demo.sh`` runs. Bases of the digits CNN (width 32) for 3
 seeds, λ chosen on 360 held-out training images by the paper's rule, every
 method fine-tuned for 10 epochs (SGD, lr 0.01, cosine), PTQ on the 360 test
 digits. The extra row ``ste_unfolded`` is STE with the earlier, unfolded
-scheme (batch norm in float, batch min/max ranges), for comparison.
+scheme (batch norm in float, batch min/max ranges), for comparison; the
+rows of ``base.add_variants``: the bound-weighted penalty at (4,4) and two
+finite-difference step rules.
 
 Command:
   python study.py --config configs/studies/digits.py --workdir studies/digits
-Run time: measured in README.md ("The embedded study"), about 10–15 min on
-2 CPU cores (compilation dominates; a rerun with the cache is faster).
-Expected result: the README's digits table (ℓ1 keeps float accuracy and
-gains most at (3,3) and the 2-bit pairs).
+Run time: not cleanly measured (README.md, "What the demo does and
+shows"): the runs' own times add up to 1 h 21 min on a 2-core machine
+shared with other jobs; compilation dominates.
+Expected result: the README's digits table (ℓ1 costs a little float
+accuracy and gains most at (3,3) and the 2-bit pairs; the bound-weighted
+penalty gains as much at no float cost).
 """
 
 from configs import digits
