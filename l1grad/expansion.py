@@ -589,6 +589,18 @@ def hutchinson_from_hvp(
   Returns:
     The estimate of Σᵢ (Δᵢ²/24)·Hᵢᵢ, a scalar.
   """
+  quadratic = lambda v: 0.5 * inner(v, hvp_fn(v))
+  return _hutchinson(quadratic, z, step, key, num_samples)
+
+
+def _hutchinson(
+  quadratic: Callable[[PyTree], jax.Array],
+  z: PyTree,
+  step: PyTree,
+  key: jax.Array,
+  num_samples: int,
+) -> jax.Array:
+  """The mean of ``quadratic(v)`` = ½·vᵀHv over Rademacher probes v·Δ/√12."""
   if num_samples < 1:
     raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
   # One sample uses the key itself: n calls with the keys of
@@ -596,8 +608,7 @@ def hutchinson_from_hvp(
   keys = [key] if num_samples == 1 else jax.random.split(key, num_samples)
   total = None
   for k in keys:
-    v = _rademacher_probe(k, z, step)
-    value = 0.5 * inner(v, hvp_fn(v))
+    value = quadratic(_rademacher_probe(k, z, step))
     total = value if total is None else total + value
   return total / num_samples
 
@@ -628,16 +639,9 @@ def hutchinson_term(
   Returns:
     The estimate, a scalar.
   """
-  if num_samples < 1:
-    raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
   z, _ = linearization_point(lin)
-  keys = [key] if num_samples == 1 else jax.random.split(key, num_samples)
-  total = None
-  for k in keys:
-    v = _rademacher_probe(k, z, step)
-    value = lin.quadratic_form(v["weights"], v["acts"])
-    total = value if total is None else total + value
-  return total / num_samples
+  quadratic = lambda v: lin.quadratic_form(v["weights"], v["acts"])
+  return _hutchinson(quadratic, z, step, key, num_samples)
 
 
 def hutchinson_curvature(

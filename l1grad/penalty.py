@@ -866,17 +866,16 @@ def value_and_grad(
     linear = method == "hvp" and (use_w or use_a) and hvp_impl == "linearize"
     lin = _linearization(setup, params, wrt_w=use_w, wrt_a=use_a, linear=linear)
     g_params, g_eps, loss, aux = lin.grads, lin.grad_a, lin.loss, lin.aux
-    g_kernels = _kernel_list(g_params)
-    norms = gradient_norms(g_kernels, g_eps)
-
-    zero = jnp.zeros((), jnp.float32)
-    w_pen, t_w = zero, []
-    a_pen, t_a = zero, {}
-    if use_w:
-      w_pen, t_w = _term(g_kernels, names, norms, "weight", weight_coef, ord)
-    if use_a:
-      a_pen, t_a = _term(g_eps, list(g_eps), norms, "act", a_coef, ord)
-    penalty = w_pen + a_pen
+    norms, w_pen, t_w, a_pen, t_a = _penalty_terms(
+      _kernel_list(g_params),
+      g_eps,
+      names,
+      weight_coef,
+      a_coef,
+      ord,
+      use_w,
+      use_a,
+    )
 
     grads = g_params
     if linear:
@@ -897,17 +896,10 @@ def value_and_grad(
       )
       grads = jax.tree.map(jnp.add, g_params, hv)
 
-    total = loss + penalty
+    total = loss + (w_pen + a_pen)
     if not has_aux:
       return total, grads
-    info = {
-      "aux": aux,
-      "loss": loss,
-      "penalty": penalty,
-      "weight_penalty": w_pen,
-      "act_penalty": a_pen,
-      **norms,
-    }
+    info = _info(aux, loss, w_pen, a_pen, norms)
     if return_grads:
       info.update(
         grad_w=lin.grad_w, grad_a=lin.grad_a, activations=lin.activations
@@ -940,7 +932,6 @@ def _with_extra(
   reverse-over-reverse, several times the cost of the map.
   """
   names = list(params_lib.split_kernels(params)[0])
-  keys = list(setup.eps)
 
   def build(p):
     lin = _linearization(setup, p, wrt_w=True, wrt_a=True)
@@ -950,18 +941,16 @@ def _with_extra(
         f"extra must return a scalar; it returned shape {s.shape}."
       )
     g_k = jax.lax.stop_gradient([lin.grad_w[n] for n in names])
-    g_a = jax.lax.stop_gradient([lin.grad_a[k] for k in keys])
-    norms = gradient_norms(g_k, g_a)
-    zero = jnp.zeros((), jnp.float32)
-    w_pen, t_w = zero, [jnp.zeros_like(g) for g in g_k]
-    a_pen, t_a = zero, [jnp.zeros_like(g) for g in g_a]
-    if use_w:
-      w_pen, t_w = _term(g_k, names, norms, "weight", weight_coef, ord)
-    if use_a:
-      a_pen, t_a = _term(g_a, keys, norms, "act", act_coef, ord)
+    g_a = jax.lax.stop_gradient(dict(lin.grad_a))
+    norms, w_pen, t_w, a_pen, t_a = _penalty_terms(
+      g_k, g_a, names, weight_coef, act_coef, ord, use_w, use_a
+    )
     hv = jax.tree.map(jnp.zeros_like, lin.grads)
     if use_w or use_a:
-      hv, _ = lin._linear(t_w, dict(zip(keys, t_a)))  # pylint: disable=protected-access
+      # The map spans all of z: a term that is off has a zero tangent.
+      t_w = t_w if use_w else [jnp.zeros_like(g) for g in g_k]
+      t_a = t_a if use_a else jax.tree.map(jnp.zeros_like, g_a)
+      hv, _ = lin._linear(t_w, t_a)  # pylint: disable=protected-access
     rest = (lin.grads, lin.loss, lin.aux, lin.activations, g_k, g_a)
     return s, (*rest, hv, w_pen, a_pen, norms)
 
@@ -970,26 +959,60 @@ def _with_extra(
   (g_extra,) = pullback(jnp.ones_like(s))
   g_extra = jax.tree.map(jnp.add, hv, g_extra)
   grads = jax.tree.map(jnp.add, g_params, g_extra)
-  penalty = w_pen + a_pen
-  total = loss + penalty + s
+  total = loss + (w_pen + a_pen) + s
   if not has_aux:
     return total, grads
-  info = {
-    "aux": aux,
-    "loss": loss,
-    "penalty": penalty,
-    "weight_penalty": w_pen,
-    "act_penalty": a_pen,
-    "extra": s,
-    **norms,
-  }
+  info = {**_info(aux, loss, w_pen, a_pen, norms), "extra": s}
   if return_grads:
     info.update(
-      grad_w=dict(zip(names, g_k)),
-      grad_a=dict(zip(keys, g_a)),
-      activations=activations,
+      grad_w=dict(zip(names, g_k)), grad_a=g_a, activations=activations
     )
   return (total, info), grads
+
+
+def _penalty_terms(
+  g_kernels: list[jax.Array],
+  g_eps: dict[str, jax.Array],
+  names: Sequence[str],
+  weight_coef: Coef,
+  act_coef: Coef,
+  ord: int,
+  use_w: bool,
+  use_a: bool,
+) -> tuple[dict[str, jax.Array], jax.Array, Any, jax.Array, Any]:
+  """The gradient norms, each group's penalty and tangent.
+
+  Returns ``(norms, w_pen, t_w, a_pen, t_a)``: ``t_w`` a list like
+  ``g_kernels``, ``t_a`` a dict like ``g_eps``; a term that is off has
+  penalty 0 and an empty tangent.
+  """
+  norms = gradient_norms(g_kernels, g_eps)
+  zero = jnp.zeros((), jnp.float32)
+  w_pen, t_w = zero, []
+  a_pen, t_a = zero, {}
+  if use_w:
+    w_pen, t_w = _term(g_kernels, names, norms, "weight", weight_coef, ord)
+  if use_a:
+    a_pen, t_a = _term(g_eps, list(g_eps), norms, "act", act_coef, ord)
+  return norms, w_pen, t_w, a_pen, t_a
+
+
+def _info(
+  aux: Any,
+  loss: jax.Array,
+  w_pen: jax.Array,
+  a_pen: jax.Array,
+  norms: Mapping[str, jax.Array],
+) -> dict[str, Any]:
+  """``value_and_grad``'s ``info``: the loss, the penalty and its parts."""
+  return {
+    "aux": aux,
+    "loss": loss,
+    "penalty": w_pen + a_pen,
+    "weight_penalty": w_pen,
+    "act_penalty": a_pen,
+    **norms,
+  }
 
 
 def _after_first_pass(
